@@ -10,11 +10,13 @@ from __future__ import annotations
 __all__ = [
     "BrainageError",
     "UsageError",
+    "AnalysisLevelError",
     "BIDSValidationError",
     "EmptySelectionError",
     "OutputLocationError",
     "ImageError",
     "AgeError",
+    "PhenotypeError",
     "InputMissingError",
     "NotWritableError",
     "ModelError",
@@ -28,6 +30,10 @@ class BrainageError(Exception):
 
 class UsageError(BrainageError, ValueError):
     """Options that contradict each other or name something unknown (exit 64)."""
+
+
+class AnalysisLevelError(UsageError):
+    """The analysis level is neither ``participant`` nor ``group`` (exit 17)."""
 
 
 class BIDSValidationError(BrainageError, ValueError):
@@ -48,6 +54,10 @@ class ImageError(BrainageError, ValueError):
 
 class AgeError(BrainageError, ValueError):
     """An age value or its units cannot be parsed without guessing (exit 65)."""
+
+
+class PhenotypeError(BrainageError, ValueError):
+    """A phenotype column or group label asked for does not exist (exit 65)."""
 
 
 class InputMissingError(BrainageError, FileNotFoundError):

@@ -1,0 +1,1 @@
+"""Command-line interface: parser, run (exit codes), participant/group levels, demo."""

@@ -1,0 +1,151 @@
+"""The participant level: select T1w images, build and run the workflow, write reports."""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+from collections import defaultdict
+from pathlib import Path
+
+from ..bids.layout import T1wUnit, collect_t1w_units
+from ..bids.validation import validate_dataset
+from ..config import RunConfig
+from ..errors import ImageError, ParticipantFailure
+
+__all__ = ["run_participant_level"]
+
+LOGGER = logging.getLogger("brainage")
+
+
+def _preflight(units: list[T1wUnit]) -> tuple[list[T1wUnit], dict[T1wUnit, str]]:
+    """Check every image before any work, so unusable inputs fail fast with one clear line."""
+    from ..anat.checks import check_t1w
+
+    good, bad = [], {}
+    for unit in units:
+        try:
+            check_t1w(unit.path)
+        except ImageError as exc:
+            bad[unit] = str(exc)
+            LOGGER.error("%s", exc)
+        else:
+            good.append(unit)
+    return good, bad
+
+
+def _plugin(config: RunConfig, n_units: int) -> tuple[str, dict]:
+    if config.nprocs == 1 or n_units == 1 and config.nprocs <= config.omp_nthreads:
+        return "Linear", {}
+    args = {"n_procs": config.nprocs, "raise_insufficient": False, "maxtasksperchild": 1}
+    if config.mem_gb:
+        args["memory_gb"] = config.mem_gb
+    return "MultiProc", args
+
+
+def _crashed_units(crash_root: Path, units: list[T1wUnit]) -> dict[str, list[Path]]:
+    """Crash files of this run, grouped by the unit whose workflow produced them."""
+    found: dict[str, list[Path]] = defaultdict(list)
+    if not crash_root.is_dir():
+        return found
+    for crash in crash_root.glob("crash-*"):
+        for unit in units:
+            if re.search(rf"\b{re.escape(unit.source.unit_id)}_wf\b", crash.read_text(errors="replace")):
+                found[unit.source.unit_id].append(crash)
+                break
+    return found
+
+
+def _crash_message(crash: Path) -> str:
+    """The last meaningful line of a nipype crash file (the exception text)."""
+    lines = [ln.strip() for ln in crash.read_text(errors="replace").splitlines() if ln.strip()]
+    for line in reversed(lines):
+        if re.match(r"^[A-Za-z_.]*(Error|Exception)\b", line):
+            return line
+    return lines[-1] if lines else "unknown error"
+
+
+def run_participant_level(config: RunConfig) -> None:
+    """Preprocess (and later predict) every selected T1w into ``config.output_dir``.
+
+    Raises
+    ------
+    BIDSValidationError, EmptySelectionError, ImageError, AgeError
+        Before any processing starts.
+    ParticipantFailure
+        When some T1w images failed while others were processed.
+    """
+    from ..derivatives import write_bidsignore, write_dataset_description
+    from ..inference import resolve_models
+    from ..workflows.base import init_brainage_wf
+
+    if not config.skip_bids_validation:
+        validate_dataset(config.bids_dir)
+    units = collect_t1w_units(config.bids_dir, participant_labels=config.participant_labels,
+                              session_labels=config.session_labels, query=config.bids_filters)
+    for unit in units:
+        for warning in unit.info.warnings:
+            LOGGER.warning("%s: %s", unit.relpath, warning)
+    models = resolve_models(config.models)
+    good, bad = _preflight(units)
+    if not good:
+        raise ImageError(next(iter(bad.values())) if len(bad) == 1 else
+                         f"none of the {len(bad)} selected T1w images is usable (see messages above)")
+    LOGGER.log(25, "processing %d T1w image(s) of %d participant(s) with %d process(es); models: %s",
+               len(good), len({u.source.subject for u in good}), config.nprocs,
+               ", ".join(models) or "none (preprocessing only)")
+    write_dataset_description(config.output_dir, config.bids_dir)
+    write_bidsignore(config.output_dir)
+
+    crash_root = config.work_dir / "crash" / config.run_uuid
+    workflow = init_brainage_wf(units=good, output_dir=config.output_dir, work_dir=config.work_dir,
+                                omp_nthreads=config.omp_nthreads, random_seed=config.random_seed,
+                                vbm_fwhm=config.vbm_fwhm)
+    workflow.config["execution"].update({
+        "crashdump_dir": str(crash_root), "crashfile_format": "txt", "stop_on_first_crash": False,
+        "remove_unnecessary_outputs": False, "parameterize_dirs": False})
+    plugin, plugin_args = _plugin(config, len(good))
+    try:
+        workflow.run(plugin=plugin, plugin_args=plugin_args)
+    except RuntimeError as exc:  # nipype: "Workflow did not execute cleanly"
+        LOGGER.debug("workflow reported failures: %s", exc)
+    crashes = _crashed_units(crash_root, good)
+    errors_by_subject: dict[str, list[str]] = defaultdict(list)
+    for unit, message in bad.items():
+        errors_by_subject[unit.source.subject].append(message)
+    for unit in good:
+        for crash in crashes.get(unit.source.unit_id, []):
+            message = f"{unit.relpath}: {_crash_message(crash)}"
+            errors_by_subject[unit.source.subject].append(message)
+            LOGGER.error("%s (details: %s)", message, _keep_crash(crash, unit, config))
+    failed_reports = _write_reports(config, units, errors_by_subject)
+    failed = len(bad) + len(crashes)
+    if failed or failed_reports:
+        raise ParticipantFailure(f"{failed} of {len(units)} T1w image(s) and {failed_reports} report(s) "
+                                 f"failed (listed above); the rest is in {config.output_dir}")
+
+
+def _keep_crash(crash: Path, unit: T1wUnit, config: RunConfig) -> Path:
+    """Copy a crash file to ``sub-<l>/log/<run_uuid>/`` of the outputs (as fMRIPrep does)."""
+    dest = config.output_dir / f"sub-{unit.source.subject}" / "log" / config.run_uuid / crash.name
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(crash, dest)
+    return dest
+
+
+def _write_reports(config: RunConfig, units: list[T1wUnit], errors: dict[str, list[str]]) -> int:
+    """One HTML report per participant; returns how many could not be written."""
+    from ..reports import generate_participant_report
+    from ..workflows.anatomical import init_anat_preproc_wf
+
+    methods = init_anat_preproc_wf(omp_nthreads=1, vbm_fwhm=config.vbm_fwhm).__desc__ or ""
+    failed = 0
+    for subject in sorted({u.source.subject for u in units}):
+        try:
+            path = generate_participant_report(config.output_dir, subject, run_uuid=config.run_uuid,
+                                               methods=methods, errors=errors.get(subject, ()))
+            LOGGER.info("report: %s", path)
+        except Exception as exc:  # noqa: BLE001 - a report failure must not hide the results
+            failed += 1
+            LOGGER.error("sub-%s: the HTML report could not be written (%s)", subject, exc)
+    return failed

@@ -1,0 +1,63 @@
+"""Shipped models: each is a model card JSON (``<id>.json``) beside its weights.
+
+Cards are looked up in ``$BRAINAGE_MODELS_DIR`` when set (a site's own or fine-tuned models),
+else in the models installed with the package.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Sequence
+
+from ..config import MODEL_IDS
+from ..errors import ModelError
+
+__all__ = ["models_dir", "available_models", "resolve_models"]
+
+LOGGER = logging.getLogger("brainage.inference")
+
+
+def models_dir() -> Path:
+    """Folder holding model cards and weights (``$BRAINAGE_MODELS_DIR`` overrides)."""
+    override = os.environ.get("BRAINAGE_MODELS_DIR")
+    if override:
+        return Path(override)
+    return Path(str(resources.files("bidsapp") / "data" / "models"))
+
+
+def available_models() -> dict[str, dict]:
+    """Model cards of the shipped models, keyed by model id."""
+    folder = models_dir()
+    cards = {}
+    for card in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            content = json.loads(card.read_text(encoding="utf-8"))
+        except ValueError as exc:
+            raise ModelError(f"model card {card} is not valid JSON ({exc}); reinstall brainage") from exc
+        if content.get("id") in MODEL_IDS:
+            cards[content["id"]] = content
+    return cards
+
+
+def resolve_models(requested: Sequence[str]) -> list[str]:
+    """Turn ``('all',)``, ``()`` (none) or explicit ids into the list of models to run.
+
+    Raises
+    ------
+    ModelError
+        When an explicitly requested model has no shipped weights.
+    """
+    shipped = available_models()
+    if tuple(requested) == ("all",):
+        if not shipped:
+            LOGGER.warning("no brain-age model is shipped in this version: running preprocessing only")
+        return [m for m in MODEL_IDS if m in shipped]
+    missing = [m for m in requested if m not in shipped and m != "ensemble"]
+    if missing:
+        raise ModelError(f"model(s) {', '.join(missing)} have no weights in {models_dir()} "
+                         f"(shipped: {', '.join(shipped) or 'none'}); use --models all or none")
+    return list(requested)
