@@ -1,0 +1,5 @@
+"""``python -m bidsapp`` is the ``brainage`` command."""
+
+from .cli.run import main
+
+main()

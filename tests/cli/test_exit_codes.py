@@ -1,0 +1,102 @@
+"""The command-line contract: every documented exit code for bad invocations, before any work."""
+
+import json
+
+import pytest
+
+from bidsapp.cli.parser import EXIT_CODES, build_parser, parse_args, parse_mem_gb
+from bidsapp.cli.run import main
+
+
+def _run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    return code, capsys.readouterr().err
+
+
+def test_missing_bids_dir_is_66(tmp_path, capsys):
+    code, err = _run(capsys, tmp_path / "nope", tmp_path / "out", "participant")
+    assert code == 66 and "does not exist" in err and "Traceback" not in err
+
+
+def test_output_equal_to_or_inside_bids_dir_is_64(tiny_bids, capsys):
+    code, err = _run(capsys, tiny_bids, tiny_bids, "participant")
+    assert code == 64 and "derivatives" in err
+    code, _ = _run(capsys, tiny_bids, tiny_bids / "out", "participant")
+    assert code == 64
+
+
+def test_unknown_level_is_17(tiny_bids, tmp_path, capsys):
+    code, err = _run(capsys, tiny_bids, tmp_path / "out", "subject")
+    assert code == 17 and "unknown analysis level subject" in err
+
+
+def test_unknown_participant_is_18(tiny_bids, tmp_path, capsys):
+    code, err = _run(capsys, tiny_bids, tmp_path / "out", "participant", "--participant-label", "sub-99",
+                     "-w", tmp_path / "work")
+    assert code == 18 and "99" in err
+
+
+def test_filter_matching_nothing_is_18(tiny_bids, tmp_path, capsys):
+    filt = tmp_path / "filter.json"
+    filt.write_text(json.dumps({"t1w": {"acquisition": "mprage"}}))
+    code, err = _run(capsys, tiny_bids, tmp_path / "out", "participant", "--bids_filter_file", filt,
+                     "-w", tmp_path / "work")
+    assert code == 18 and "mprage" in err
+
+
+@pytest.mark.parametrize("extra", [["--participant-label", "../01"], ["--models", "resnet"],
+                                   ["--nprocs", "0"], ["--mem", "lots"]])
+def test_bad_options_are_64(tiny_bids, tmp_path, capsys, extra):
+    code, err = _run(capsys, tiny_bids, tmp_path / "out", "participant", *extra)
+    assert code == 64 and "Traceback" not in err
+
+
+def test_cuda_without_gpu_is_64(tiny_bids, tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is present")
+    code, err = _run(capsys, tiny_bids, tmp_path / "out", "participant", "--device", "cuda")
+    assert code == 64 and "CUDA" in err
+
+
+def test_unwritable_output_is_73(tiny_bids, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    code, err = _run(capsys, tiny_bids, blocker / "out", "participant")
+    assert code == 73 and "not writable" in err
+
+
+def test_invalid_dataset_is_16_with_summary(pediatric_dir, tmp_path, capsys):
+    code, err = _run(capsys, pediatric_dir, tmp_path / "out", "participant", "-w", tmp_path / "w")
+    assert code == 16 and "24 errors" in err and "--skip-bids-validation" in err
+
+
+def test_argparse_usage_is_2(capsys):
+    assert main(["only-one-arg"]) == 2
+
+
+def test_version_and_help(capsys):
+    assert main(["--version"]) == 0
+    assert "brainage v" in capsys.readouterr().out
+    text = build_parser().format_help()
+    for code in EXIT_CODES:
+        assert f"{code:>3}  " in text
+
+
+def test_labels_and_aliases(tiny_bids, tmp_path):
+    cfg = parse_args([str(tiny_bids), str(tmp_path / "o"), "participant", "--participant_label",
+                      "sub-02", "01", "02", "--session-label", "ses-A", "--n_cpus", "2",
+                      "--omp_nthreads", "1", "--models", "none", "--mem", "8G", "-w", str(tmp_path / "w")])
+    assert cfg.participant_labels == ("01", "02") and cfg.session_labels == ("A",)
+    assert (cfg.nprocs, cfg.omp_nthreads, cfg.models, cfg.mem_gb) == (2, 1, (), 8.0)
+
+
+def test_output_under_derivatives_is_allowed(tiny_bids, tmp_path):
+    cfg = parse_args([str(tiny_bids), str(tiny_bids / "derivatives" / "brainage"), "group"])
+    assert cfg.output_dir == tiny_bids / "derivatives" / "brainage"
+
+
+def test_mem_units():
+    assert parse_mem_gb("8000M") == pytest.approx(8000 / 1024)
+    assert parse_mem_gb("1T") == 1024.0

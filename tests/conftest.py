@@ -1,0 +1,84 @@
+"""Shared fixtures: seeded RNG, tiny synthetic BIDS datasets, and the real data beside the repo."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> Path:
+    """``../shared/data`` beside the checkout, or ``$BRAINAGE_SHARED_DATA``."""
+    return Path(os.environ.get("BRAINAGE_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(20261122)
+
+
+@pytest.fixture(scope="session")
+def ixi_dir() -> Path:
+    path = shared_data_dir() / "ixi-hh"
+    if not (path / "participants.tsv").is_file():
+        pytest.skip(f"real IXI data not found at {path} (set BRAINAGE_SHARED_DATA or place "
+                    "../shared/data beside the checkout)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def pediatric_dir() -> Path:
+    path = shared_data_dir() / "pediatric"
+    if not (path / "dataset_description.json").is_file():
+        pytest.skip(f"real pediatric data not found at {path}")
+    return path
+
+
+def write_image(path: Path, data: np.ndarray, zooms=(2.0, 2.0, 2.0)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    affine = np.diag([*zooms, 1.0])
+    nib.Nifti1Image(data, affine).to_filename(path)
+    return path
+
+
+def blob_t1w(shape=(40, 48, 40), seed=0) -> np.ndarray:
+    """A bright ellipsoid 'brain' in a dark background (enough for input checks)."""
+    grid = np.indices(shape).astype(float)
+    centre = (np.array(shape) - 1) / 2
+    radius = np.array(shape) * 0.35
+    inside = (((grid - centre[:, None, None, None]) / radius[:, None, None, None]) ** 2).sum(0) <= 1
+    noise = np.random.default_rng(seed).normal(0, 5, shape)
+    return (inside * 400 + 50 + noise).astype(np.float32)
+
+
+@pytest.fixture
+def tiny_bids(tmp_path) -> Path:
+    """A valid minimal BIDS dataset: two subjects, one with two sessions, ages in tables."""
+    root = tmp_path / "ds"
+    root.mkdir()
+    (root / "dataset_description.json").write_text(json.dumps(
+        {"Name": "tiny", "BIDSVersion": "1.9.0", "DatasetType": "raw"}))
+    (root / "README").write_text("A tiny synthetic dataset for tests.\n")
+    (root / "participants.tsv").write_text(
+        "participant_id\tage\tsex\tgroup\nsub-01\t34.5\tF\tHC\nsub-02\t89+\tM\tPT\n")
+    (root / "participants.json").write_text(json.dumps(
+        {"age": {"Description": "age", "Units": "year"}, "sex": {"Description": "sex"},
+         "group": {"Description": "group"}}))
+    write_image(root / "sub-01" / "anat" / "sub-01_T1w.nii.gz", blob_t1w(seed=1))
+    for ses in ("A", "B"):
+        write_image(root / "sub-02" / f"ses-{ses}" / "anat" / f"sub-02_ses-{ses}_T1w.nii.gz",
+                    blob_t1w(seed=2))
+    (root / "sub-02" / "sub-02_sessions.tsv").write_text("session_id\tage_months\nses-A\t30\nses-B\tn/a\n")
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _run_in_tmp(tmp_path, monkeypatch):
+    """Run each test in its own folder so defaults such as ./work never land in the checkout."""
+    monkeypatch.chdir(tmp_path)
