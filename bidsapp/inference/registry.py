@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from importlib import resources
+import importlib.util
 from pathlib import Path
 from typing import Sequence
 
@@ -22,11 +22,18 @@ LOGGER = logging.getLogger("brainage.inference")
 
 
 def models_dir() -> Path:
-    """Folder holding model cards and weights (``$BRAINAGE_MODELS_DIR`` overrides)."""
+    """Folder holding model cards and weights.
+
+    ``$BRAINAGE_MODELS_DIR`` overrides; an installed package has them as ``bidsapp._models``
+    (the checkout's top-level ``models/``, mapped by setup.cfg); a checkout uses ``models/``.
+    """
     override = os.environ.get("BRAINAGE_MODELS_DIR")
     if override:
         return Path(override)
-    return Path(str(resources.files("bidsapp") / "data" / "models"))
+    spec = importlib.util.find_spec("bidsapp._models")
+    if spec is not None and spec.submodule_search_locations:
+        return Path(list(spec.submodule_search_locations)[0])
+    return Path(__file__).resolve().parents[2] / "models"
 
 
 def available_models() -> dict[str, dict]:

@@ -1,0 +1,1 @@
+"""HTML quality-control reports and their figures."""
