@@ -317,3 +317,232 @@ def _patient_source(tpl: _Template) -> tuple[np.ndarray, tuple[slice, ...]]:
         amplitude = -PLANTED_ATROPHY_TISSUE_LOSS * float(tissue[ball].sum()) / per_unit
         source += amplitude * (grow - shrink)
     return source, crop
+
+
+@dataclass(frozen=True)
+class _Bases:
+    template: _Template
+    ageing: _Volume  # displacement (mm) per unit age_atrophy_fraction
+    patient: _Volume  # displacement (mm) per unit severity
+    brain_centre_mm: np.ndarray
+    wm_level: float  # template T1 value of pure WM
+
+
+@functools.lru_cache(maxsize=1)
+def _deformation_bases() -> _Bases:
+    """Solve the two Poisson problems (about 5 s); cached because they do not depend on the
+    seed.  Holds about 0.2 GB."""
+    tpl = _load_template()
+    LOGGER.info("solving the ageing and patient deformation fields on the 1 mm template grid")
+    # The ageing field is only needed where brain can be: crop to the intracranial box.
+    idx = np.argwhere(tpl.intracranial)
+    crop = tuple(slice(int(a), int(b) + 1) for a, b in zip(idx.min(0), idx.max(0)))
+    ageing = _irrotational_field(_ageing_source(tpl), pad=16)[(slice(None), *crop)]
+    patient_source, pcrop = _patient_source(tpl)
+    patient = _irrotational_field(patient_source, pad=24)
+
+    def shifted(sl: tuple[slice, ...]) -> np.ndarray:
+        aff = tpl.affine.copy()
+        aff[:3, 3] += aff[:3, :3] @ np.array([s.start for s in sl], dtype=float)
+        return aff
+
+    world = tpl.world()
+    weight = tpl.brain.sum()
+    centre = np.array([float((w * tpl.brain).sum() / weight) for w in world])
+    wm_level = float(np.median(tpl.t1[tpl.wm > 0.8]))
+    return _Bases(
+        template=tpl,
+        ageing=_Volume(torch.from_numpy(np.ascontiguousarray(ageing))[None], shifted(crop)),
+        patient=_Volume(torch.from_numpy(patient)[None], shifted(pcrop)),
+        brain_centre_mm=centre,
+        wm_level=wm_level,
+    )
+
+
+@functools.lru_cache(maxsize=2)
+def _template_images(voxel_size_mm: float) -> _Volume:
+    """T1 (anti-aliased for the target voxel size), GM and WM as one 3-channel volume."""
+    tpl = _load_template()
+    # Gaussian with the variance of a box the size of the extra voxel width (1 mm -> v mm)
+    sigma = np.sqrt(max(voxel_size_mm**2 - 1.0, 0.0) / 12.0)
+    t1 = ndi.gaussian_filter(tpl.t1, sigma) if sigma > 0 else tpl.t1
+    stack = np.stack([t1, tpl.gm, tpl.wm])[None]
+    return _Volume(torch.from_numpy(np.ascontiguousarray(stack, dtype=np.float32)), tpl.affine)
+
+
+# --------------------------------------------------------------------------------------------
+# cohort and per-subject parameters
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Subject:
+    label: str
+    age: float
+    sex: str
+    group: str
+    severity: float  # planted-atrophy severity (0 for HC)
+    rotation_deg: tuple[float, float, float]  # about world x, y, z (applied x, then y, then z)
+    translation_mm: tuple[float, float, float]  # scanner position of the brain centroid
+    scale: tuple[float, float, float]
+    orientation: tuple[str, str, str]
+    bias_amplitude: float
+    snr: float
+    gain: float
+    noise_seed: int
+
+    def head_matrix(self) -> np.ndarray:
+        """3x3 linear part mapping subject anatomy (MNI-like mm) to scanner mm."""
+        rx, ry, rz = np.deg2rad(self.rotation_deg)
+        cx, sx, cy, sy, cz, sz = np.cos(rx), np.sin(rx), np.cos(ry), np.sin(ry), np.cos(rz), np.sin(rz)
+        rot_x = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+        rot_y = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+        rot_z = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+        return rot_z @ rot_y @ rot_x @ np.diag(self.scale)
+
+
+def _draw_cohort(n_subjects: int, patient_fraction: float, random_seed: int) -> list[_Subject]:
+    rng = np.random.default_rng(random_seed)
+    low, high = AGE_RANGE_YEARS
+    # jittered grid: uniform-ish ages without the clumps of plain uniform draws
+    ages = low + (high - low) * (np.arange(n_subjects) + rng.uniform(size=n_subjects)) / n_subjects
+    n_pt = int(np.floor(n_subjects * patient_fraction + 0.5))
+    is_pt = np.zeros(n_subjects, dtype=bool)
+    # one patient per age stratum, so age is not confounded with group
+    for k in range(n_pt):
+        first = (k * n_subjects) // n_pt
+        last = ((k + 1) * n_subjects) // n_pt
+        is_pt[rng.integers(first, last)] = True
+    sexes = np.empty(n_subjects, dtype="<U1")
+    for members in (np.flatnonzero(is_pt), np.flatnonzero(~is_pt)):
+        start = int(rng.integers(2))
+        sexes[members] = np.array(["M", "F"])[(np.arange(members.size) + start) % 2]
+    order = rng.permutation(n_subjects)  # labels must not reveal age or group
+    width = max(2, len(str(n_subjects)))
+    subjects = []
+    for number, i in enumerate(order, start=1):
+        severity = float(rng.uniform(*_SEVERITY_RANGE)) if is_pt[i] else 0.0
+        rotation = rng.uniform(-_ROTATION_MAX_DEG, _ROTATION_MAX_DEG, 3)
+        translation = rng.uniform(-_TRANSLATION_MAX_MM, _TRANSLATION_MAX_MM, 3)
+        iso = _SCALE_BY_SEX[str(sexes[i])] * (1.0 + rng.uniform(-_SCALE_SPREAD, _SCALE_SPREAD))
+        scale = iso * (1.0 + rng.uniform(-_ANISOTROPY, _ANISOTROPY, 3))
+        subjects.append(
+            _Subject(
+                label=f"{number:0{width}d}",
+                age=round(float(ages[i]), 1),
+                sex=str(sexes[i]),
+                group="PT" if is_pt[i] else "HC",
+                severity=severity,
+                rotation_deg=tuple(float(v) for v in rotation),
+                translation_mm=tuple(float(v) for v in translation),
+                scale=tuple(float(v) for v in scale),
+                orientation=_ORIENTATIONS[(number - 1) % len(_ORIENTATIONS)],
+                bias_amplitude=float(rng.uniform(*_BIAS_RANGE)),
+                snr=float(rng.uniform(*_SNR_RANGE)),
+                gain=4.0 * float(rng.uniform(0.9, 1.1)),
+                noise_seed=int(rng.integers(2**63 - 1)),
+            )
+        )
+    return subjects
+
+
+# --------------------------------------------------------------------------------------------
+# rendering one subject
+# --------------------------------------------------------------------------------------------
+_AXIS_CODES = {"R": (0, 1.0), "L": (0, -1.0), "A": (1, 1.0), "P": (1, -1.0), "S": (2, 1.0), "I": (2, -1.0)}
+
+
+def _native_grid(voxel_size_mm: float, orientation: tuple[str, str, str]) -> tuple[tuple[int, ...], np.ndarray]:
+    """Voxel grid of the scanner field of view, centred on the scanner origin."""
+    affine = np.eye(4)
+    affine[:3, :3] = 0.0
+    shape = []
+    for i, code in enumerate(orientation):
+        world_axis, sign = _AXIS_CODES[code]
+        affine[world_axis, i] = sign * voxel_size_mm
+        shape.append(int(round(_FOV_MM[world_axis] / voxel_size_mm)))
+    affine[:3, 3] = -affine[:3, :3] @ ((np.asarray(shape) - 1) / 2.0)
+    return tuple(shape), affine
+
+
+def _individual_warp(rng: np.random.Generator, tpl: _Template) -> _Volume:
+    """Smooth random displacement (pull-back, mm) standing in for anatomical variability."""
+    spacing = 4.0
+    world = tpl.world()
+    lo = np.array([float(w.min()) for w in world]) - 20.0
+    hi = np.array([float(w.max()) for w in world]) + 20.0
+    shape = tuple(int(np.ceil((b - a) / spacing)) + 1 for a, b in zip(lo, hi))
+    noise = rng.standard_normal((3, *shape))
+    field = np.stack([ndi.gaussian_filter(c, _INDIVIDUAL_WARP_SMOOTH_MM / spacing, mode="wrap") for c in noise])
+    field *= _INDIVIDUAL_WARP_RMS_MM / np.sqrt((field**2).mean(axis=(1, 2, 3), keepdims=True))
+    affine = np.diag([spacing, spacing, spacing, 1.0])
+    affine[:3, 3] = lo
+    return _Volume(torch.from_numpy(field.astype(np.float32))[None], affine)
+
+
+def _bias_field(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """Smooth log-field from 3-D cosines up to order 2 (normalised later)."""
+    coeffs = rng.standard_normal((3, 3, 3))
+    order = np.add.outer(np.add.outer(np.arange(3), np.arange(3)), np.arange(3))
+    coeffs /= 1.0 + order
+    coeffs[0, 0, 0] = 0.0
+    basis = [np.cos(np.pi * np.outer(np.arange(3), np.linspace(0.0, 1.0, n))) for n in shape]
+    return np.einsum("abc,ai,bj,ck->ijk", coeffs, *basis, optimize=True)
+
+
+def _pull_back(subject: _Subject, bases: _Bases, warp: _Volume, scanner_mm: np.ndarray) -> np.ndarray:
+    """Template (MNI) mm coordinates seen at scanner positions ``scanner_mm`` (N, 3)."""
+    head = subject.head_matrix()
+    anatomy = (scanner_mm - np.asarray(subject.translation_mm)) @ np.linalg.inv(head).T
+    anatomy += bases.brain_centre_mm
+    anatomy += warp.sample(anatomy, border=True)
+    # invert x -> x + u(x) by fixed-point iteration (|grad u| << 1, converges to ~0.01 mm)
+    atrophy = age_atrophy_fraction(subject.age)
+    template = anatomy.copy()
+    for _ in range(4):
+        disp = atrophy * bases.ageing.sample(template, border=True)
+        if subject.severity > 0:
+            disp += subject.severity * bases.patient.sample(template)
+        template = anatomy - disp
+    return template
+
+
+def _render_subject(
+    subject: _Subject, bases: _Bases, images: _Volume, voxel_size_mm: float
+) -> tuple[nib.Nifti1Image, dict[str, float]]:
+    """Simulated native-space T1w image and its ground-truth summary."""
+    rng = np.random.default_rng(subject.noise_seed)
+    shape, affine = _native_grid(voxel_size_mm, subject.orientation)
+    ijk = np.indices(shape, dtype=np.float64).reshape(3, -1).T
+    scanner = ijk @ affine[:3, :3].T + affine[:3, 3]
+    # only scanner positions that can hold brain need the (costly) deformation
+    head = subject.head_matrix()
+    anatomy = (scanner - np.asarray(subject.translation_mm)) @ np.linalg.inv(head).T + bases.brain_centre_mm
+    tpl = bases.template
+    ic = np.argwhere(tpl.intracranial)
+    lo = ic.min(0) + tpl.affine[:3, 3] - 5.0
+    hi = ic.max(0) + tpl.affine[:3, 3] + 5.0
+    inside = np.all((anatomy >= lo) & (anatomy <= hi), axis=1)
+    warp = _individual_warp(rng, tpl)
+    values = images.sample(_pull_back(subject, bases, warp, scanner[inside]))
+    clean = np.zeros(len(scanner), dtype=np.float64)
+    clean[inside] = values[:, 0]
+    clean = clean.reshape(shape) * subject.gain
+    log_bias = _bias_field(rng, shape)
+    brain = clean > 0
+    log_bias -= log_bias[brain].mean()
+    log_bias *= np.log1p(subject.bias_amplitude) / np.abs(log_bias[brain]).max()
+    sigma = subject.gain * bases.wm_level / subject.snr
+    # Rician noise: magnitude of a complex signal with Gaussian noise in both channels
+    real = clean * np.exp(log_bias) + rng.normal(0.0, sigma, shape)
+    imag = rng.normal(0.0, sigma, shape)
+    data = np.clip(np.rint(np.hypot(real, imag)), 0, np.iinfo(np.int16).max).astype(np.int16)
+    img = nib.Nifti1Image(data, affine)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    img.header.set_xyzt_units("mm", "sec")
+    voxel_ml = voxel_size_mm**3 / 1000.0
+    truth = {
+        "brain_tissue_volume_ml": float(np.clip(values[:, 1] + values[:, 2], 0, 1).sum() * voxel_ml),
+        "gm_volume_ml": float(values[:, 1].sum() * voxel_ml),
+        "wm_volume_ml": float(values[:, 2].sum() * voxel_ml),
+    }
+    return img, truth
