@@ -42,7 +42,6 @@ __all__ = [
     "PLANTED_ATROPHY_RADIUS_MM",
     "PLANTED_ATROPHY_TISSUE_LOSS",
     "AGE_RANGE_YEARS",
-    "age_atrophy_fraction",
     "build_demo_dataset",
 ]
 
@@ -81,6 +80,7 @@ _INDIVIDUAL_WARP_SMOOTH_MM = 12.0
 _FOV_MM = (200.0, 256.0, 232.0)
 _ORIENTATIONS = (("P", "S", "R"), ("L", "A", "S"), ("L", "P", "S"))
 _SITE = "SYN"
+_FLOW_STEPS = 2
 _GENERATOR_NAME = "brainage-demo"
 # Files and folders this builder writes at the top of the dataset (used by ``overwrite``).
 _OWNED_TOP_LEVEL = (
@@ -88,7 +88,6 @@ _OWNED_TOP_LEVEL = (
     "README",
     "participants.tsv",
     "participants.json",
-    ".bidsignore",
     "sourcedata",
 )
 
@@ -127,7 +126,7 @@ def _check_int(name: str, value: object, low: int, high: int) -> int:
     return value
 
 
-def age_atrophy_fraction(age: float) -> float:
+def _age_atrophy_fraction(age: float) -> float:
     """Fraction of template brain tissue (GM+WM) volume removed by the simulated ageing.
 
     Parameters
@@ -138,12 +137,13 @@ def age_atrophy_fraction(age: float) -> float:
     Returns
     -------
     float
-        ``0.002 (age - 25) + 0.00002 (age - 25)**2`` (linearised volume change): zero at the
-        template's age of 25 y, 0.17 at 80 y; the loss rate rises from 0.2 %/y to 0.42 %/y.
+        ``0.0025 (age - 25) + 0.00002 (age - 25)**2``, the divergence scale of the ageing
+        field: zero at the template's age of 25 y, 0.198 at 80 y.  The realised GM+WM loss is
+        smaller (about 0.2 %/y at 25 y rising to about 0.4 %/y at 80 y; see the tests).
     """
     age = _check_real("age", age, *AGE_RANGE_YEARS)
     d = age - _REFERENCE_AGE
-    return 0.002 * d + 0.00002 * d * d
+    return 0.0025 * d + 0.00002 * d * d
 
 
 # --------------------------------------------------------------------------------------------
@@ -151,19 +151,28 @@ def age_atrophy_fraction(age: float) -> float:
 # --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class _Volume:
-    """Channels-first volume on a grid, sampled by world (mm) coordinates."""
+    """Channels-first volume on an axis-aligned grid, sampled at world (mm) coordinates."""
 
     data: torch.Tensor  # (1, C, I, J, K) float32
-    affine: np.ndarray  # voxel -> mm
+    affine: np.ndarray  # voxel -> mm, diagonal linear part
 
-    def sample(self, points_mm: np.ndarray, *, border: bool = False) -> np.ndarray:
-        """Trilinearly sample all channels at ``points_mm`` (N, 3); returns (N, C)."""
-        inv = np.linalg.inv(self.affine)
-        vox = points_mm @ inv[:3, :3].T + inv[:3, 3]
+    def __post_init__(self) -> None:
+        if not np.allclose(self.affine[:3, :3], np.diag(np.diag(self.affine[:3, :3]))):
+            raise ValueError("affine must be axis-aligned")
+
+    def sample(self, points_mm: torch.Tensor, *, border: bool = False) -> torch.Tensor:
+        """Trilinearly sample all channels at ``points_mm`` (N, 3) float32; returns (N, C)."""
         size = np.asarray(self.data.shape[2:], dtype=np.float64)
-        norm = 2.0 * vox / (size - 1.0) - 1.0
+        step = np.diag(self.affine)[:3]
+        # world -> grid_sample's [-1, 1] (align_corners=True), per axis: norm = p * a + b
+        a = 2.0 / (step * (size - 1.0))
+        b = -1.0 - a * self.affine[:3, 3]
         # grid_sample's last axis lists (W, H, D) = (k, j, i)
-        grid = torch.from_numpy(np.ascontiguousarray(norm[:, ::-1], dtype=np.float32))
+        grid = torch.addcmul(
+            torch.as_tensor(b[::-1].copy(), dtype=torch.float32),
+            points_mm.to(torch.float32).flip(1),
+            torch.as_tensor(a[::-1].copy(), dtype=torch.float32),
+        )
         out = torch.nn.functional.grid_sample(
             self.data,
             grid.reshape(1, 1, 1, -1, 3),
@@ -171,7 +180,7 @@ class _Volume:
             padding_mode="border" if border else "zeros",
             align_corners=True,
         )
-        return out.reshape(self.data.shape[1], -1).T.numpy()
+        return out.reshape(self.data.shape[1], -1).T
 
 
 @dataclass(frozen=True)
@@ -182,20 +191,27 @@ class _Template:
     affine: np.ndarray
     ventricles: np.ndarray  # bool
     brain: np.ndarray  # bool, t1 > 0
-    intracranial: np.ndarray  # bool, brain dilated by ~12 mm
+    reach: np.ndarray  # bool, brain dilated by 8 mm: beyond it no deformation brings brain
+    intracranial: np.ndarray  # bool, brain dilated by 12 mm
 
     @property
     def tissue(self) -> np.ndarray:
         return np.clip(self.gm + self.wm, 0.0, 1.0)
 
     def world(self) -> list[np.ndarray]:
-        """Per-axis world coordinates (mm) of every voxel (RAS, 1 mm, axis-aligned)."""
-        return [
-            np.arange(n, dtype=np.float32)[tuple(slice(None) if a == b else None for b in range(3))]
-            * float(self.affine[a, a])
-            + float(self.affine[a, 3])
-            for a, n in enumerate(self.t1.shape)
-        ]
+        """Per-axis world coordinates (mm) of the voxels, broadcastable to the grid."""
+        return _axis_coordinates(self.t1.shape, self.affine)
+
+
+def _axis_coordinates(shape: tuple[int, ...], affine: np.ndarray) -> list[np.ndarray]:
+    """World coordinate along each axis of an axis-aligned grid, shaped to broadcast."""
+    out = []
+    for axis, n in enumerate(shape):
+        view = [1, 1, 1]
+        view[axis] = n
+        coords = np.arange(n, dtype=np.float32) * float(affine[axis, axis]) + float(affine[axis, 3])
+        out.append(coords.reshape(view))
+    return out
 
 
 def _read_uint8_map(path: str) -> tuple[np.ndarray, np.ndarray]:
@@ -222,17 +238,15 @@ def _load_template() -> _Template:
     csf = np.clip(1.0 - gm - wm, 0.0, 1.0) * brain
     # Ventricular system: large CSF components in a central box (lateral + third ventricle,
     # about 22 mL); the box keeps sulcal CSF at the brain's edge out.
-    x, y, z = (
-        np.arange(n, dtype=np.float32)[tuple(slice(None) if a == b else None for b in range(3))]
-        + float(affine[a, 3])
-        for a, n in enumerate(t1.shape)
-    )
+    x, y, z = _axis_coordinates(t1.shape, affine)
     box = (np.abs(x) < 35) & (y > -50) & (y < 35) & (z > -10) & (z < 40)
     labels, n_lab = ndi.label((csf > 0.6) & box)
     sizes = ndi.sum_labels(np.ones_like(labels), labels, np.arange(1, n_lab + 1))
     ventricles = np.isin(labels, np.flatnonzero(sizes > 2000) + 1)
-    intracranial = ndi.binary_dilation(brain, ndi.generate_binary_structure(3, 1), iterations=12)
-    return _Template(t1, gm, wm, affine, ventricles, brain, intracranial)
+    cross = ndi.generate_binary_structure(3, 1)
+    reach = ndi.binary_dilation(brain, cross, iterations=8)
+    intracranial = ndi.binary_dilation(reach, cross, iterations=4)
+    return _Template(t1, gm, wm, affine, ventricles, brain, reach, intracranial)
 
 
 def _irrotational_field(source: np.ndarray, pad: int) -> np.ndarray:
@@ -270,7 +284,7 @@ def _raised_cosine(r: np.ndarray, r_flat: float, r_zero: float) -> np.ndarray:
 
 
 def _ageing_source(tpl: _Template) -> np.ndarray:
-    """Divergence per unit :func:`age_atrophy_fraction`: tissue shrinks, ventricles and
+    """Divergence per unit :func:`_age_atrophy_fraction`: tissue shrinks, ventricles and
     extracerebral CSF grow; sums to zero so the intracranial volume is preserved."""
     gm_w = _GM_TO_WM_LOSS_RATIO
     tissue_volume = float(tpl.gm.sum() + tpl.wm.sum())
@@ -287,28 +301,23 @@ def _ageing_source(tpl: _Template) -> np.ndarray:
 
 def _patient_source(tpl: _Template) -> tuple[np.ndarray, tuple[slice, ...]]:
     """Divergence per unit severity for the planted medial-temporal atrophy, on a crop of
-    the template grid (returned with its slices).  Tissue near each centre shrinks; non-tissue
-    (temporal horn, cisterns, sulci, extracerebral space) within ~33 mm grows by the same
-    volume, so the field vanishes far from the centres."""
+    the template grid (returned with its slices).  Tissue within ~18 mm of each centre shrinks;
+    non-tissue (temporal horn, cisterns, sulci, extracerebral space) within ~22 mm grows by the
+    same volume (ex-vacuo enlargement), so the field vanishes far from the centres.  Keeping
+    the compensation this close makes the loss visible as tissue replaced by CSF inside the
+    ball, not only as a contraction that a registration would have to recover."""
     lo = np.array([-75.0, -70.0, -65.0]) - tpl.affine[:3, 3]
     hi = np.array([75.0, 30.0, 35.0]) - tpl.affine[:3, 3]
     crop = tuple(slice(int(round(a)), int(round(b)) + 1) for a, b in zip(lo, hi))
     tissue = tpl.tissue[crop]
     outer = ((1.0 - tissue) * tpl.intracranial[crop]).astype(np.float32)
-    grids = np.meshgrid(
-        *[
-            np.arange(s.start, s.stop, dtype=np.float32) + float(tpl.affine[a, 3])
-            for a, s in enumerate(crop)
-        ],
-        indexing="ij",
-        sparse=True,
-    )
+    grids = [w[crop] for w in np.broadcast_arrays(*tpl.world())]
     radius = PLANTED_ATROPHY_RADIUS_MM
     source = np.zeros(tissue.shape, dtype=np.float32)
     for centre in PLANTED_ATROPHY_CENTRES_MM:
         r = np.sqrt(sum((g - c) ** 2 for g, c in zip(grids, centre)))
-        shrink = _raised_cosine(r, 0.6 * radius, 1.4 * radius) * tissue
-        grow = _raised_cosine(r, 1.4 * radius, 2.2 * radius) * outer
+        shrink = _raised_cosine(r, 0.6 * radius, 1.2 * radius) * tissue
+        grow = _raised_cosine(r, 1.0 * radius, 1.5 * radius) * outer
         grow *= shrink.sum() / grow.sum()
         # Calibrate the amplitude so that (to first order) the tissue-weighted volume change
         # inside the ball, sum(tissue * div u) / sum(tissue), equals -PLANTED_ATROPHY_TISSUE_LOSS.
@@ -322,8 +331,9 @@ def _patient_source(tpl: _Template) -> tuple[np.ndarray, tuple[slice, ...]]:
 @dataclass(frozen=True)
 class _Bases:
     template: _Template
-    ageing: _Volume  # displacement (mm) per unit age_atrophy_fraction
+    ageing: _Volume  # displacement (mm) per unit _age_atrophy_fraction
     patient: _Volume  # displacement (mm) per unit severity
+    reach: _Volume  # positions (subject anatomy mm) worth deforming: brain can appear there
     brain_centre_mm: np.ndarray
     wm_level: float  # template T1 value of pure WM
 
@@ -354,6 +364,7 @@ def _deformation_bases() -> _Bases:
         template=tpl,
         ageing=_Volume(torch.from_numpy(np.ascontiguousarray(ageing))[None], shifted(crop)),
         patient=_Volume(torch.from_numpy(patient)[None], shifted(pcrop)),
+        reach=_Volume(torch.from_numpy(tpl.reach[crop].astype(np.float32))[None, None], shifted(crop)),
         brain_centre_mm=centre,
         wm_level=wm_level,
     )
@@ -361,12 +372,12 @@ def _deformation_bases() -> _Bases:
 
 @functools.lru_cache(maxsize=2)
 def _template_images(voxel_size_mm: float) -> _Volume:
-    """T1 (anti-aliased for the target voxel size), GM and WM as one 3-channel volume."""
+    """T1 (anti-aliased for the target voxel size) and GM+WM probability as one volume."""
     tpl = _load_template()
     # Gaussian with the variance of a box the size of the extra voxel width (1 mm -> v mm)
     sigma = np.sqrt(max(voxel_size_mm**2 - 1.0, 0.0) / 12.0)
     t1 = ndi.gaussian_filter(tpl.t1, sigma) if sigma > 0 else tpl.t1
-    stack = np.stack([t1, tpl.gm, tpl.wm])[None]
+    stack = np.stack([t1, tpl.tissue])[None]
     return _Volume(torch.from_numpy(np.ascontiguousarray(stack, dtype=np.float32)), tpl.affine)
 
 
@@ -488,21 +499,40 @@ def _bias_field(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
     return np.einsum("abc,ai,bj,ck->ijk", coeffs, *basis, optimize=True)
 
 
-def _pull_back(subject: _Subject, bases: _Bases, warp: _Volume, scanner_mm: np.ndarray) -> np.ndarray:
-    """Template (MNI) mm coordinates seen at scanner positions ``scanner_mm`` (N, 3)."""
-    head = subject.head_matrix()
-    anatomy = (scanner_mm - np.asarray(subject.translation_mm)) @ np.linalg.inv(head).T
-    anatomy += bases.brain_centre_mm
-    anatomy += warp.sample(anatomy, border=True)
-    # invert x -> x + u(x) by fixed-point iteration (|grad u| << 1, converges to ~0.01 mm)
-    atrophy = age_atrophy_fraction(subject.age)
-    template = anatomy.copy()
-    for _ in range(4):
-        disp = atrophy * bases.ageing.sample(template, border=True)
+def _pull_back(subject: _Subject, bases: _Bases, warp: _Volume, anatomy: torch.Tensor) -> torch.Tensor:
+    """Template (MNI) mm coordinates of subject-anatomy positions ``anatomy`` (N, 3).
+
+    The atrophy displacement ``v`` is used as a stationary velocity: the subject is the template
+    carried along ``v`` for unit time, so the pull-back integrates ``dx/dt = -v(x)`` in
+    :data:`_FLOW_STEPS` Euler steps.  Each step moves by less than a voxel per voxel
+    (``|grad v| / steps < 1``), so the map cannot fold.
+    """
+    position = anatomy + warp.sample(anatomy, border=True)
+    atrophy = _age_atrophy_fraction(subject.age)
+    lo, hi = _bounds(bases.patient)
+    for _ in range(_FLOW_STEPS):
+        step = atrophy * bases.ageing.sample(position, border=True)
         if subject.severity > 0:
-            disp += subject.severity * bases.patient.sample(template)
-        template = anatomy - disp
-    return template
+            near = torch.nonzero(torch.all((position >= lo) & (position <= hi), dim=1)).squeeze(1)
+            step[near] += subject.severity * bases.patient.sample(position[near])
+        position = position - step / _FLOW_STEPS
+    return position
+
+
+def _bounds(volume: _Volume) -> tuple[torch.Tensor, torch.Tensor]:
+    corners = volume.affine[:3, :3] @ (np.asarray(volume.data.shape[2:]) - 1.0)
+    lo = volume.affine[:3, 3] + np.minimum(corners, 0.0)
+    hi = volume.affine[:3, 3] + np.maximum(corners, 0.0)
+    return torch.as_tensor(lo, dtype=torch.float32), torch.as_tensor(hi, dtype=torch.float32)
+
+
+def _scanner_to_anatomy(subject: _Subject, bases: _Bases) -> np.ndarray:
+    """4x4 affine undoing the head position: scanner mm -> subject anatomy (MNI-like) mm."""
+    inverse = np.linalg.inv(subject.head_matrix())
+    out = np.eye(4)
+    out[:3, :3] = inverse
+    out[:3, 3] = bases.brain_centre_mm - inverse @ np.asarray(subject.translation_mm)
+    return out
 
 
 def _render_subject(
@@ -511,38 +541,317 @@ def _render_subject(
     """Simulated native-space T1w image and its ground-truth summary."""
     rng = np.random.default_rng(subject.noise_seed)
     shape, affine = _native_grid(voxel_size_mm, subject.orientation)
-    ijk = np.indices(shape, dtype=np.float64).reshape(3, -1).T
-    scanner = ijk @ affine[:3, :3].T + affine[:3, 3]
-    # only scanner positions that can hold brain need the (costly) deformation
-    head = subject.head_matrix()
-    anatomy = (scanner - np.asarray(subject.translation_mm)) @ np.linalg.inv(head).T + bases.brain_centre_mm
-    tpl = bases.template
-    ic = np.argwhere(tpl.intracranial)
-    lo = ic.min(0) + tpl.affine[:3, 3] - 5.0
-    hi = ic.max(0) + tpl.affine[:3, 3] + 5.0
-    inside = np.all((anatomy >= lo) & (anatomy <= hi), axis=1)
-    warp = _individual_warp(rng, tpl)
-    values = images.sample(_pull_back(subject, bases, warp, scanner[inside]))
-    clean = np.zeros(len(scanner), dtype=np.float64)
-    clean[inside] = values[:, 0]
-    clean = clean.reshape(shape) * subject.gain
+    # scanner positions -> subject anatomy, as one affine applied to voxel indices
+    to_anatomy = _scanner_to_anatomy(subject, bases) @ affine
+    lin, off = to_anatomy[:3, :3], to_anatomy[:3, 3]
+    axes = [np.arange(n, dtype=np.float32) for n in shape]
+    anatomy = np.empty((*shape, 3), dtype=np.float32)
+    for c in range(3):
+        anatomy[..., c] = (
+            lin[c, 0] * axes[0][:, None, None] + lin[c, 1] * axes[1][None, :, None]
+            + lin[c, 2] * axes[2][None, None, :] + off[c]
+        )
+    anatomy = torch.from_numpy(anatomy.reshape(-1, 3))
+    # only positions that can hold brain need the (costly) deformation
+    inside = torch.nonzero(bases.reach.sample(anatomy)[:, 0] > 0).squeeze(1)
+    warp = _individual_warp(rng, bases.template)
+    values = images.sample(_pull_back(subject, bases, warp, anatomy[inside])).numpy()
+    clean = np.zeros(anatomy.shape[0], dtype=np.float32)
+    clean[inside.numpy()] = values[:, 0] * subject.gain
+    clean = clean.reshape(shape)
     log_bias = _bias_field(rng, shape)
     brain = clean > 0
     log_bias -= log_bias[brain].mean()
     log_bias *= np.log1p(subject.bias_amplitude) / np.abs(log_bias[brain]).max()
     sigma = subject.gain * bases.wm_level / subject.snr
     # Rician noise: magnitude of a complex signal with Gaussian noise in both channels
-    real = clean * np.exp(log_bias) + rng.normal(0.0, sigma, shape)
-    imag = rng.normal(0.0, sigma, shape)
+    real = clean * np.exp(log_bias, dtype=np.float32) + rng.normal(0.0, sigma, shape).astype(np.float32)
+    imag = rng.normal(0.0, sigma, shape).astype(np.float32)
     data = np.clip(np.rint(np.hypot(real, imag)), 0, np.iinfo(np.int16).max).astype(np.int16)
     img = nib.Nifti1Image(data, affine)
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
     img.header.set_xyzt_units("mm", "sec")
     voxel_ml = voxel_size_mm**3 / 1000.0
-    truth = {
-        "brain_tissue_volume_ml": float(np.clip(values[:, 1] + values[:, 2], 0, 1).sum() * voxel_ml),
-        "gm_volume_ml": float(values[:, 1].sum() * voxel_ml),
-        "wm_volume_ml": float(values[:, 2].sum() * voxel_ml),
-    }
+    truth = {"brain_tissue_volume_ml": float(values[:, 1].sum() * voxel_ml)}
     return img, truth
+
+
+# --------------------------------------------------------------------------------------------
+# dataset files
+# --------------------------------------------------------------------------------------------
+def _readme_text(voxel_size_mm: float, n_subjects: int, n_patients: int, random_seed: int) -> str:
+    centres = " and ".join(f"({x:+.0f}, {y:+.0f}, {z:+.0f})" for x, y, z in PLANTED_ATROPHY_CENTRES_MM)
+    return f"""brainage synthetic demo dataset
+===============================
+
+SYNTHETIC DATA - NOT REAL PARTICIPANTS. Built by `brainage` {__version__}
+(`bidsapp.demo.build_demo_dataset`, random_seed={random_seed}) without any download.
+
+{DEMO_DESCRIPTION}
+
+Participants: {n_subjects} ({n_patients} in group PT, synthetic patients; the rest HC, healthy
+controls), one site ({_SITE}).  Ages lie on a jittered grid over {AGE_RANGE_YEARS[0]:.0f}-{AGE_RANGE_YEARS[1]:.0f}
+years; each age stratum holds one patient so that age is not confounded with group; sex
+alternates within each group.
+
+How each T1w image was made
+---------------------------
+Source: the ICBM 2009a nonlinear symmetric MNI152 template (space {TEMPLATE_SPACE}) as bundled
+with nilearn: brain-only T1w plus GM and WM probability maps, 1 mm, 197x233x189.
+
+1. Ageing.  An irrotational displacement field u = grad(psi), laplacian(psi) = s, whose divergence
+   s (the first-order local volume change) is negative in GM (1.5x) and WM (1x) and scaled so that
+   it sums to minus the GM+WM volume, +{_VENTRICLE_GAIN:g} in the lateral and third ventricles, and
+   positive in sulcal and extracerebral CSF so that the intracranial volume is unchanged.  It is
+   scaled by f(age) = 0.0025 (age - 25) + 0.00002 (age - 25)^2 and applied as a stationary
+   velocity (template age taken as 25 y).  Realised GM+WM loss: about 0.2 %/year at 25 y rising to
+   about 0.4 %/year at 80 y; ventricles enlarge with age.
+2. Planted atrophy (group PT only).  A second field of the same kind removes, to first order,
+   {PLANTED_ATROPHY_TISSUE_LOSS:.0%} of the GM+WM volume inside a {PLANTED_ATROPHY_RADIUS_MM:g} mm ball around each of
+   the MNI centres {centres} mm (bilateral medial temporal lobe / hippocampus), scaled by a
+   per-patient severity drawn from U{_SEVERITY_RANGE}; the lost volume goes to the CSF spaces
+   (temporal horn, cisterns, sulci) and extracerebral space within about
+   {1.5 * PLANTED_ATROPHY_RADIUS_MM:.0f} mm, which enlarge ex vacuo.  Nothing else differs between groups:
+   a voxel-based analysis should find a GM reduction in PT there and nowhere else.
+3. Individual variability.  A smooth random displacement (RMS {_INDIVIDUAL_WARP_RMS_MM:g} mm per axis,
+   Gaussian smoothing {_INDIVIDUAL_WARP_SMOOTH_MM:g} mm).
+4. Head position.  Rotation uniform in +-{_ROTATION_MAX_DEG:g} deg about each axis, translation uniform in
+   +-{_TRANSLATION_MAX_MM:g} mm, isotropic scaling 1.02 (M) or 0.98 (F) times U(0.98, 1.02), per-axis
+   U(0.99, 1.01).  Scanner coordinates in the headers are NOT MNI coordinates.
+5. Acquisition.  Resampled (trilinear, after a Gaussian anti-aliasing filter) to {voxel_size_mm:g} mm
+   isotropic voxels over a {_FOV_MM[0]:g} x {_FOV_MM[1]:g} x {_FOV_MM[2]:g} mm (L-R, P-A, I-S) field of view,
+   stored in non-RAS voxel orders (PSR, LAS, LPS in turn), multiplied by a smooth bias field
+   (exponential of low-order 3-D cosines, peak deviation U{_BIAS_RANGE} inside the brain), given
+   Rician noise (SNR of white matter U{_SNR_RANGE}) and stored as int16.
+
+The template has no skull, scalp or neck, so these images exercise the "already skull-stripped"
+path of preprocessing.  sourcedata/{_GENERATOR_NAME}/simulation_parameters.tsv lists the per-subject
+simulation parameters and the simulated GM+WM volume (ground truth).
+
+Template licence: Copyright (C) 1993-2009 Louis Collins, McConnell Brain Imaging Centre, Montreal
+Neurological Institute, McGill University.  Permission to use, copy, modify, and distribute this
+software and its documentation for any purpose and without fee is hereby granted, provided that the
+above copyright notice appear in all copies.  Cite: Fonov et al., NeuroImage 54 (2011) 313-327,
+doi:10.1016/j.neuroimage.2010.07.033; Fonov et al., NeuroImage 47 (2009) S102,
+doi:10.1016/S1053-8119(09)70884-5.
+"""
+
+
+def _dataset_description(random_seed: int) -> dict:
+    return {
+        "Name": "brainage synthetic demo (simulated from the MNI152 template; not real participants)",
+        "BIDSVersion": "1.10.0",
+        "DatasetType": "raw",
+        "License": "CC0",
+        "Authors": ["brainage demo generator (synthetic data)"],
+        "Acknowledgements": (
+            "Derived from the ICBM 2009a nonlinear symmetric MNI152 template, Copyright (C) "
+            "1993-2009 Louis Collins, McConnell Brain Imaging Centre, Montreal Neurological "
+            "Institute, McGill University."
+        ),
+        "HowToAcknowledge": "Cite Fonov et al. 2011 (doi:10.1016/j.neuroimage.2010.07.033) for the template.",
+        "ReferencesAndLinks": [
+            "https://doi.org/10.1016/j.neuroimage.2010.07.033",
+            "https://doi.org/10.1016/S1053-8119(09)70884-5",
+        ],
+        "SourceDatasets": [
+            {
+                "URL": "https://nist.mni.mcgill.ca/icbm-152-nonlinear-atlases-2009/",
+                "Version": "ICBM 2009a nonlinear symmetric (copy bundled with nilearn)",
+            }
+        ],
+        "GeneratedBy": [
+            {
+                "Name": _GENERATOR_NAME,
+                "Version": __version__,
+                "Description": (
+                    f"{DEMO_DESCRIPTION} random_seed={random_seed}. Planted atrophy (group PT): "
+                    f"balls of radius {PLANTED_ATROPHY_RADIUS_MM:g} mm around "
+                    f"{TEMPLATE_SPACE} mm {list(PLANTED_ATROPHY_CENTRES_MM)}. See README."
+                ),
+            }
+        ],
+    }
+
+
+_PARTICIPANTS_JSON = {
+    "participant_id": {"Description": "synthetic participant label"},
+    "age": {"Description": "simulated age at scan", "Units": "year"},
+    "sex": {"Description": "simulated sex", "Levels": {"M": "male", "F": "female"}},
+    "group": {
+        "Description": "simulated diagnostic group",
+        "Levels": {
+            "HC": "healthy control",
+            "PT": "synthetic patient (planted bilateral medial temporal atrophy)",
+        },
+    },
+    "site": {"Description": "acquisition site", "Levels": {_SITE: "synthetic (brainage demo)"}},
+}
+
+_PARAMETERS_JSON = {
+    "age_atrophy_fraction": {"Description": "ageing field scale f(age), see README"},
+    "atrophy_severity": {"Description": "planted-atrophy scale (0 for HC)"},
+    "rotation_x_deg": {"Description": "head rotation about the L-R axis", "Units": "degree"},
+    "rotation_y_deg": {"Description": "head rotation about the P-A axis", "Units": "degree"},
+    "rotation_z_deg": {"Description": "head rotation about the I-S axis", "Units": "degree"},
+    "translation_x_mm": {"Description": "scanner L-R position of the brain centroid", "Units": "mm"},
+    "translation_y_mm": {"Description": "scanner P-A position of the brain centroid", "Units": "mm"},
+    "translation_z_mm": {"Description": "scanner I-S position of the brain centroid", "Units": "mm"},
+    "scale_x": {"Description": "head scaling along L-R"},
+    "scale_y": {"Description": "head scaling along P-A"},
+    "scale_z": {"Description": "head scaling along I-S"},
+    "voxel_order": {"Description": "NIfTI axis codes of the stored voxel order"},
+    "bias_amplitude": {"Description": "peak relative deviation of the bias field in the brain"},
+    "snr": {"Description": "white-matter signal over noise standard deviation"},
+    "brain_tissue_volume_ml": {
+        "Description": "simulated GM+WM volume in the native image (ground truth)",
+        "Units": "mL",
+    },
+}
+
+
+def _write_json(path: Path, content: dict) -> None:
+    path.write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
+
+
+def _write_tsv(path: Path, header: list[str], rows: list[list[str]]) -> None:
+    lines = ["\t".join(header)] + ["\t".join(row) for row in rows]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _is_previous_demo(root: Path) -> bool:
+    try:
+        description = json.loads((root / "dataset_description.json").read_text(encoding="utf-8"))
+        return description["GeneratedBy"][0]["Name"] == _GENERATOR_NAME
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return False
+
+
+def _prepare_root(out_dir: str | os.PathLike, overwrite: bool) -> Path:
+    if not isinstance(out_dir, (str, os.PathLike)):
+        raise TypeError(f"out_dir must be a str or os.PathLike, got {type(out_dir).__name__}")
+    if not isinstance(overwrite, bool):
+        raise TypeError(f"overwrite must be a bool, got {type(overwrite).__name__}")
+    root = Path(out_dir).expanduser().absolute()
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"out_dir {root} exists and is not a directory")
+    if root.is_dir() and any(root.iterdir()):
+        if not overwrite:
+            raise ValueError(f"out_dir {root} is not empty; pass overwrite=True to replace a demo dataset")
+        if not _is_previous_demo(root):
+            # never delete data this builder did not write
+            raise ValueError(
+                f"out_dir {root} is not empty and does not hold a brainage demo dataset; "
+                "refusing to overwrite it even with overwrite=True"
+            )
+        LOGGER.info("replacing the previous demo dataset in %s", root)
+        try:
+            for entry in root.iterdir():
+                if entry.name in _OWNED_TOP_LEVEL or (entry.name.startswith("sub-") and entry.is_dir()):
+                    if entry.is_dir():
+                        shutil.rmtree(entry)
+                    else:
+                        entry.unlink()
+        except OSError as exc:
+            raise NotWritableError(f"cannot clear the previous demo dataset in {root}: {exc}") from exc
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise NotWritableError(f"cannot create out_dir {root}: {exc}") from exc
+    return root
+
+
+def build_demo_dataset(
+    out_dir: str | os.PathLike,
+    *,
+    n_subjects: int = 16,
+    patient_fraction: float = 0.5,
+    voxel_size_mm: float = 2.0,
+    random_seed: int = 0,
+    overwrite: bool = False,
+) -> Path:
+    """Write a small synthetic BIDS dataset derived from the bundled MNI152 template.
+
+    Nothing is downloaded.  See :data:`DEMO_DESCRIPTION` and the dataset's README for how the
+    images are simulated; the atrophy planted in group ``PT`` lies in balls of radius
+    :data:`PLANTED_ATROPHY_RADIUS_MM` around :data:`PLANTED_ATROPHY_CENTRES_MM`.
+
+    Parameters
+    ----------
+    out_dir : str or os.PathLike
+        Directory that becomes the BIDS root; created if missing.  It must be empty unless
+        ``overwrite`` is true and it holds a dataset previously written by this function.
+    n_subjects : int, default 16
+        Number of participants, 1-500.
+    patient_fraction : float, default 0.5
+        Fraction of participants in group ``PT`` (rounded to a count), in [0, 1].
+    voxel_size_mm : float, default 2.0
+        Isotropic voxel size of the stored images, in [1, 4] mm.
+    random_seed : int, default 0
+        Seed (>= 0); the same seed and arguments give byte-identical images and tables.
+    overwrite : bool, default False
+        Replace a previous demo dataset in ``out_dir`` (other entries, e.g. ``derivatives/``,
+        are left alone).
+
+    Returns
+    -------
+    pathlib.Path
+        The BIDS root (absolute ``out_dir``).
+
+    Raises
+    ------
+    TypeError, ValueError
+        Invalid arguments, or ``out_dir`` not empty (naming the parameter).
+    NotWritableError
+        ``out_dir`` cannot be created or written.
+    """
+    n_subjects = _check_int("n_subjects", n_subjects, 1, 500)
+    patient_fraction = _check_real("patient_fraction", patient_fraction, 0.0, 1.0)
+    voxel_size_mm = _check_real("voxel_size_mm", voxel_size_mm, 1.0, 4.0)
+    random_seed = _check_int("random_seed", random_seed, 0, 2**63 - 1)
+    root = _prepare_root(out_dir, overwrite)
+
+    subjects = _draw_cohort(n_subjects, patient_fraction, random_seed)
+    bases = _deformation_bases()
+    images = _template_images(voxel_size_mm)
+    n_patients = sum(s.group == "PT" for s in subjects)
+    LOGGER.info("writing %d synthetic participants (%d PT) to %s", n_subjects, n_patients, root)
+    sidecar = {
+        "SeriesDescription": "synthetic T1w (brainage demo, derived from the MNI152 template)",
+        "ImageComments": "simulated brain-only image, no skull; see README",
+    }
+    parameter_rows = []
+    try:
+        for subject in tqdm(subjects, desc="demo participants", unit="participant", disable=None):
+            img, truth = _render_subject(subject, bases, images, voxel_size_mm)
+            anat = root / f"sub-{subject.label}" / "anat"
+            anat.mkdir(parents=True, exist_ok=True)
+            stem = anat / f"sub-{subject.label}_T1w"
+            nib.save(img, f"{stem}.nii.gz")
+            _write_json(Path(f"{stem}.json"), sidecar)
+            parameter_rows.append(
+                [f"sub-{subject.label}", f"{_age_atrophy_fraction(subject.age):.4f}", f"{subject.severity:.3f}"]
+                + [f"{v:.3f}" for v in (*subject.rotation_deg, *subject.translation_mm, *subject.scale)]
+                + ["".join(subject.orientation), f"{subject.bias_amplitude:.3f}", f"{subject.snr:.2f}"]
+                + [f"{truth['brain_tissue_volume_ml']:.1f}"]
+            )
+        _write_json(root / "dataset_description.json", _dataset_description(random_seed))
+        (root / "README").write_text(
+            _readme_text(voxel_size_mm, n_subjects, n_patients, random_seed), encoding="utf-8"
+        )
+        _write_tsv(
+            root / "participants.tsv",
+            ["participant_id", "age", "sex", "group", "site"],
+            [[f"sub-{s.label}", f"{s.age:.1f}", s.sex, s.group, _SITE] for s in subjects],
+        )
+        _write_json(root / "participants.json", _PARTICIPANTS_JSON)
+        truth_dir = root / "sourcedata" / _GENERATOR_NAME
+        truth_dir.mkdir(parents=True, exist_ok=True)
+        _write_tsv(
+            truth_dir / "simulation_parameters.tsv", ["participant_id", *_PARAMETERS_JSON], parameter_rows
+        )
+        _write_json(truth_dir / "simulation_parameters.json", _PARAMETERS_JSON)
+    except OSError as exc:
+        raise NotWritableError(f"cannot write the demo dataset to {root}: {exc}") from exc
+    return root

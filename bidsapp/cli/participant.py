@@ -142,8 +142,10 @@ def _write_reports(config: RunConfig, units: list[T1wUnit], errors: dict[str, li
     failed = 0
     for subject in sorted({u.source.subject for u in units}):
         try:
-            path = generate_participant_report(config.output_dir, subject, run_uuid=config.run_uuid,
-                                               methods=methods, errors=errors.get(subject, ()))
+            path = generate_participant_report(
+                config.output_dir, subject, run_uuid=config.run_uuid, methods=methods,
+                errors=errors.get(subject, ()),
+                units=[u.source for u in units if u.source.subject == subject])
             LOGGER.info("report: %s", path)
         except Exception as exc:  # noqa: BLE001 - a report failure must not hide the results
             failed += 1

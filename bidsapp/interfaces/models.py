@@ -1,0 +1,75 @@
+"""Nipype interfaces running a shipped brain-age model on one T1w's derivatives.
+
+They write nothing into the output dataset: predictions come back as numbers and maps as files
+in the node's working directory; the derivatives sink names and writes them.
+"""
+
+from __future__ import annotations
+
+import os
+
+from nipype.interfaces.base import (BaseInterfaceInputSpec, File, SimpleInterface, Str,
+                                    TraitedSpec, isdefined, traits)
+
+__all__ = ["DenseNetClinicalPredict"]
+
+
+class _DenseNetClinicalPredictInputSpec(BaseInterfaceInputSpec):
+    t1w_preproc = File(exists=True, mandatory=True, desc="native N4-corrected T1w (desc-preproc_T1w)")
+    t1w_mask = File(exists=True, mandatory=True, desc="native brain mask (desc-brain_mask)")
+    models_dir = Str(desc="folder with densenet-clinical.json (default: the installed models)")
+    device = Str("cpu", usedefault=True, desc="torch device")
+    relevance = traits.Bool(True, usedefault=True, desc="compute the guided-backpropagation map")
+    anat2std_xfm = File(exists=True, desc="T1w-to-MNI152NLin2009aSym transform (.h5) to warp the map")
+    std_reference = File(exists=True, desc="image on the template grid the warped map is written on")
+
+
+class _DenseNetClinicalPredictOutputSpec(TraitedSpec):
+    brain_age = traits.Float(desc="ensemble mean brain age (years)")
+    brain_age_lower = traits.Float(desc="lower end of the 95% fold-spread interval")
+    brain_age_upper = traits.Float(desc="upper end of the 95% fold-spread interval")
+    fold_predictions = traits.List(traits.Float, desc="prediction of each fold model")
+    n_views = traits.Int(desc="input views averaged (synthetic slicing offsets)")
+    thick_slice = traits.Bool(desc="input treated as a real thick-slice scan")
+    relevance_map = File(desc="guided-backpropagation magnitude in the T1w grid")
+    relevance_map_std = File(desc="the same map warped to MNI152NLin2009aSym")
+
+
+class DenseNetClinicalPredict(SimpleInterface):
+    """Brain age with the densenet-clinical ensemble (seed 004) and its relevance map.
+
+    Examples
+    --------
+    >>> node = DenseNetClinicalPredict(relevance=False)
+    >>> node.inputs.device
+    'cpu'
+    """
+
+    input_spec = _DenseNetClinicalPredictInputSpec
+    output_spec = _DenseNetClinicalPredictOutputSpec
+
+    def _run_interface(self, runtime):
+        from ..explain import warp_to_template
+        from ..inference.densenet_clinical import DenseNetClinicalPredictor
+
+        inputs = self.inputs
+        predictor = DenseNetClinicalPredictor.from_models_dir(
+            inputs.models_dir if isdefined(inputs.models_dir) and inputs.models_dir else None,
+            device=inputs.device)
+        volume, views = predictor.prepare(inputs.t1w_preproc, inputs.t1w_mask)
+        result = predictor.predict_prepared(views)
+        self._results.update(brain_age=result.brain_age, brain_age_lower=result.lower,
+                             brain_age_upper=result.upper,
+                             fold_predictions=list(result.fold_predictions),
+                             n_views=result.n_views, thick_slice=result.thick_slice)
+        if not inputs.relevance:
+            return runtime
+        relevance = predictor.relevance_image(volume, views, like=inputs.t1w_preproc)
+        native = os.path.join(runtime.cwd, "relevance_map.nii.gz")
+        relevance.to_filename(native)
+        self._results["relevance_map"] = native
+        if isdefined(inputs.anat2std_xfm) and isdefined(inputs.std_reference):
+            self._results["relevance_map_std"] = str(warp_to_template(
+                native, inputs.anat2std_xfm, inputs.std_reference,
+                os.path.join(runtime.cwd, "relevance_map_std.nii.gz")))
+        return runtime

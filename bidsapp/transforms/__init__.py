@@ -1,0 +1,19 @@
+"""Input preparation and augmentation (TorchIO-style transforms on :class:`Volume` objects)."""
+
+from .augmentation import RandomFlip, RandomGamma, RandomIntensityScale, RandomShift
+from .base import Compose, RandomTransform, Transform, Volume, parse_range
+from .clinical import (ClinicalInputSpec, background_fraction, clinical_augmentation,
+                       load_skull_stripped, prepare_view, prepare_views, slicing_offsets)
+from .intensity import Gamma, IntensityScale, PercentileZNormalise
+from .spatial import (CropOrPad, Flip, ResampleToSpacing, Shift, SimulateThickSlices,
+                      ThickSliceSimulation, axial_axis, foreground_centre, slicing_step)
+
+__all__ = [
+    "Volume", "Transform", "RandomTransform", "Compose", "parse_range",
+    "ThickSliceSimulation", "SimulateThickSlices", "ResampleToSpacing", "CropOrPad", "Shift",
+    "Flip", "axial_axis", "slicing_step", "foreground_centre",
+    "PercentileZNormalise", "Gamma", "IntensityScale",
+    "RandomShift", "RandomFlip", "RandomGamma", "RandomIntensityScale",
+    "ClinicalInputSpec", "load_skull_stripped", "slicing_offsets", "prepare_view",
+    "prepare_views", "background_fraction", "clinical_augmentation",
+]

@@ -1,0 +1,68 @@
+"""End to end: ``brainage ixi out participant`` on one real IXI scan, then a rerun that resumes."""
+
+import json
+import subprocess
+import shutil
+import time
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from bidsapp.cli.run import main
+
+SUBJECT = "IXI012"
+
+
+@pytest.fixture(scope="module")
+def ixi_run(ixi_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("deriv")
+    work = tmp_path_factory.mktemp("work")
+    args = [str(ixi_dir), str(out), "participant", "--participant-label", SUBJECT,
+            "--models", "none", "--nprocs", "2", "--omp-nthreads", "2", "-w", str(work)]
+    start = time.monotonic()
+    code = main(args)
+    first = time.monotonic() - start
+    return {"out": out, "work": work, "args": args, "code": code, "seconds": first}
+
+
+def test_exit_zero_and_files(ixi_run):
+    assert ixi_run["code"] == 0
+    anat = ixi_run["out"] / f"sub-{SUBJECT}" / "anat"
+    prefix = f"sub-{SUBJECT}"
+    for name in ("desc-preproc_T1w.nii.gz", "desc-brain_mask.nii.gz", "dseg.nii.gz",
+                 "label-GM_probseg.nii.gz", "from-T1w_to-MNI152NLin2009aSym_mode-image_xfm.h5",
+                 "from-MNI152NLin2009aSym_to-T1w_mode-image_xfm.h5",
+                 "space-MNI152NLin2009aSym_res-2_desc-preproc_T1w.nii.gz",
+                 "space-MNI152NLin2009aSym_res-2_label-GM_desc-modulated_probseg.nii.gz",
+                 "space-MNI152NLin2009aSym_res-1p5_label-WM_desc-modulated_probseg.nii.gz", "qc.json"):
+        assert (anat / f"{prefix}_{name}").is_file(), name
+    assert (ixi_run["out"] / f"sub-{SUBJECT}.html").is_file()
+    assert not list(ixi_run["out"].rglob("*.part"))
+
+
+def test_plausible_volumes(ixi_run):
+    qc = json.loads((ixi_run["out"] / f"sub-{SUBJECT}" / "anat" / f"sub-{SUBJECT}_qc.json").read_text())
+    assert 900 <= qc["mask_volume_ml"] <= 2000
+    assert 400 <= qc["gm_volume_ml"] <= 900 and 300 <= qc["wm_volume_ml"] <= 700
+    assert qc["scan_info"]["age"] == pytest.approx(38.78)
+    mask = nib.load(ixi_run["out"] / f"sub-{SUBJECT}" / "anat" / f"sub-{SUBJECT}_desc-brain_mask.nii.gz")
+    voxel_ml = np.prod(mask.header.get_zooms()[:3]) / 1000
+    assert np.asarray(mask.dataobj).astype(bool).sum() * voxel_ml == pytest.approx(qc["mask_volume_ml"], rel=1e-3)
+    assert nib.aff2axcodes(mask.affine) == ("R", "A", "S")
+
+
+def test_derivatives_validate(ixi_run):
+    if shutil.which("bids-validator-deno") is None:
+        pytest.skip("bids-validator-deno not installed")
+    proc = subprocess.run(["bids-validator-deno", "--format", "json", str(ixi_run["out"])],
+                          capture_output=True, text=True, check=False)
+    issues = json.loads(proc.stdout)["issues"]["issues"]
+    errors = [i for i in issues if i["severity"] == "error"]
+    assert errors == [], errors[:3]
+
+
+def test_rerun_resumes_from_cache(ixi_run):
+    start = time.monotonic()
+    assert main(ixi_run["args"]) == 0
+    assert time.monotonic() - start < 0.5 * ixi_run["seconds"]

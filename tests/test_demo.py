@@ -1,0 +1,324 @@
+"""Tests for the synthetic demo dataset builder (:mod:`bidsapp.demo`)."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import shutil
+import subprocess
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage as ndi
+
+from bidsapp import demo
+
+N_SUBJECTS = 8
+SEED = 0
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """One 8-participant demo dataset shared by the read-only tests."""
+    root = demo.build_demo_dataset(tmp_path_factory.mktemp("demo") / "bids", n_subjects=N_SUBJECTS, random_seed=SEED)
+    return root
+
+
+@pytest.fixture(scope="module")
+def cohort():
+    """The simulation parameters behind ``dataset`` (same seed and size)."""
+    return {f"sub-{s.label}": s for s in demo._draw_cohort(N_SUBJECTS, 0.5, SEED)}
+
+
+def _read_tsv(path):
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle, delimiter="\t"))
+
+
+def _ball_points(centres, radius, step=1.0):
+    grid = np.arange(-radius, radius + step / 2, step)
+    x, y, z = np.meshgrid(grid, grid, grid, indexing="ij")
+    inside = x**2 + y**2 + z**2 <= radius**2
+    offsets = np.stack([x[inside], y[inside], z[inside]], axis=1)
+    return np.concatenate([offsets + np.asarray(c) for c in centres]).astype(np.float32)
+
+
+def _no_warp():
+    """An all-zero individual warp, to look at the atrophy fields alone."""
+    affine = np.diag([500.0, 500.0, 500.0, 1.0])
+    affine[:3, 3] = -250.0
+    return demo._Volume(torch.zeros(1, 3, 2, 2, 2), affine)
+
+
+def _subject(age, severity):
+    base = demo._draw_cohort(1, 0.0, 0)[0]
+    return dataclasses.replace(base, age=float(age), severity=float(severity))
+
+
+# ------------------------------------------------------------------------------------------
+# files and tables
+# ------------------------------------------------------------------------------------------
+def test_participants_table(dataset):
+    rows = _read_tsv(dataset / "participants.tsv")
+    assert list(rows[0]) == ["participant_id", "age", "sex", "group", "site"]
+    assert [r["participant_id"] for r in rows] == [f"sub-{i:02d}" for i in range(1, N_SUBJECTS + 1)]
+    ages = np.array([float(r["age"]) for r in rows])
+    assert ages.min() >= 20 and ages.max() <= 80
+    # jittered grid: one age per 7.5-year stratum
+    assert sorted(np.floor((ages - 20) / 7.5).astype(int)) == list(range(N_SUBJECTS))
+    groups = np.array([r["group"] for r in rows])
+    sexes = np.array([r["sex"] for r in rows])
+    assert (groups == "PT").sum() == 4 and (groups == "HC").sum() == 4
+    for group in ("PT", "HC"):
+        assert sorted(sexes[groups == group]) == ["F", "F", "M", "M"]
+    # one patient per pair of consecutive ages: group is not confounded with age
+    by_age = groups[np.argsort(ages)]
+    assert all(sorted(by_age[i : i + 2]) == ["HC", "PT"] for i in range(0, N_SUBJECTS, 2))
+    assert {r["site"] for r in rows} == {"SYN"}
+
+    sidecar = json.loads((dataset / "participants.json").read_text())
+    assert sidecar["age"]["Units"] == "year"
+    assert set(sidecar["sex"]["Levels"]) == {"M", "F"}
+    assert set(sidecar["group"]["Levels"]) == {"HC", "PT"}
+    assert sidecar["group"]["Levels"]["HC"] == "healthy control"
+
+
+def test_description_and_readme(dataset):
+    description = json.loads((dataset / "dataset_description.json").read_text())
+    assert "synthetic" in description["Name"].lower()
+    assert description["License"] == "CC0"
+    assert description["DatasetType"] == "raw"
+    generated = description["GeneratedBy"][0]
+    assert generated["Name"] == "brainage-demo"
+    assert "random_seed=0" in generated["Description"]
+    readme = (dataset / "README").read_text()
+    assert demo.DEMO_DESCRIPTION in readme
+    assert "(-25, -20, -15) and (+25, -20, -15)" in readme
+    assert "15 mm ball" in readme
+    assert "MNI152NLin2009aSym" in readme and "skull-stripped" in readme
+
+
+def test_images_and_sidecars(dataset, cohort):
+    for label, subject in cohort.items():
+        anat = dataset / label / "anat"
+        assert sorted(p.name for p in anat.iterdir()) == [f"{label}_T1w.json", f"{label}_T1w.nii.gz"]
+        assert "synthetic" in json.loads((anat / f"{label}_T1w.json").read_text())["SeriesDescription"]
+        img = nib.load(anat / f"{label}_T1w.nii.gz")
+        assert img.get_data_dtype() == np.int16
+        assert np.allclose(img.header.get_zooms(), 2.0)
+        assert int(img.header["qform_code"]) == 1 and int(img.header["sform_code"]) == 1
+        data = np.asarray(img.dataobj, dtype=np.float32)
+        wm = np.percentile(data, 99)
+        # the brain never reaches the edge of the field of view: faces hold only noise
+        faces = [data[0], data[-1], data[:, 0], data[:, -1], data[:, :, 0], data[:, :, -1]]
+        assert max(f.max() for f in faces) < 0.3 * wm
+        assert data.min() >= 0
+
+
+def test_orientation_is_not_ras(dataset, cohort):
+    codes = {nib.aff2axcodes(nib.load(dataset / s / "anat" / f"{s}_T1w.nii.gz").affine) for s in cohort}
+    assert ("R", "A", "S") not in codes
+    assert codes == {("P", "S", "R"), ("L", "A", "S"), ("L", "P", "S")}
+
+
+def test_simulation_parameters_table(dataset, cohort):
+    rows = _read_tsv(dataset / "sourcedata" / "brainage-demo" / "simulation_parameters.tsv")
+    params = json.loads((dataset / "sourcedata" / "brainage-demo" / "simulation_parameters.json").read_text())
+    assert list(rows[0])[1:] == list(params)
+    for row in rows:
+        subject = cohort[row["participant_id"]]
+        assert float(row["atrophy_severity"]) == pytest.approx(subject.severity, abs=1e-3)
+        assert (float(row["atrophy_severity"]) > 0) == (subject.group == "PT")
+        assert row["voxel_order"] == "".join(subject.orientation)
+        assert all(abs(float(row[f"rotation_{a}_deg"])) <= 10 for a in "xyz")
+
+
+@pytest.mark.skipif(shutil.which("bids-validator-deno") is None, reason="bids-validator-deno is not installed")
+def test_bids_validator_passes(dataset):
+    result = subprocess.run(
+        ["bids-validator-deno", "--format", "json", str(dataset)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    report = json.loads(result.stdout)
+    errors = [i for i in report["issues"]["issues"] if i["severity"] == "error"]
+    assert errors == []
+    assert result.returncode == 0
+    assert len(report["summary"]["subjects"]) == N_SUBJECTS
+
+
+# ------------------------------------------------------------------------------------------
+# arguments, determinism, overwrite
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("kwargs", "error", "name"),
+    [
+        ({"n_subjects": 0}, ValueError, "n_subjects"),
+        ({"n_subjects": 2.5}, TypeError, "n_subjects"),
+        ({"n_subjects": True}, TypeError, "n_subjects"),
+        ({"patient_fraction": 1.5}, ValueError, "patient_fraction"),
+        ({"patient_fraction": "half"}, TypeError, "patient_fraction"),
+        ({"voxel_size_mm": 0.5}, ValueError, "voxel_size_mm"),
+        ({"random_seed": -1}, ValueError, "random_seed"),
+        ({"overwrite": "yes"}, TypeError, "overwrite"),
+    ],
+)
+def test_invalid_arguments(tmp_path, kwargs, error, name):
+    with pytest.raises(error, match=name):
+        demo.build_demo_dataset(tmp_path / "out", **kwargs)
+    assert not (tmp_path / "out").exists()
+
+
+def test_out_dir_type_and_file(tmp_path):
+    with pytest.raises(TypeError, match="out_dir"):
+        demo.build_demo_dataset(3)
+    target = tmp_path / "file"
+    target.write_text("x")
+    with pytest.raises(ValueError, match="out_dir"):
+        demo.build_demo_dataset(target)
+
+
+def test_deterministic_for_a_seed(tmp_path):
+    first = demo.build_demo_dataset(tmp_path / "a", n_subjects=2, random_seed=7)
+    second = demo.build_demo_dataset(tmp_path / "b", n_subjects=2, random_seed=7)
+    other = demo.build_demo_dataset(tmp_path / "c", n_subjects=2, random_seed=8)
+    files = sorted(p.relative_to(first) for p in first.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(second) for p in second.rglob("*") if p.is_file())
+    for rel in files:
+        assert (first / rel).read_bytes() == (second / rel).read_bytes(), rel
+    image = "sub-01/anat/sub-01_T1w.nii.gz"
+    assert not np.array_equal(nib.load(first / image).dataobj, nib.load(other / image).dataobj)
+    assert (first / "participants.tsv").read_text() != (other / "participants.tsv").read_text()
+
+
+def test_refuses_non_empty_out_dir_unless_overwrite(tmp_path):
+    root = demo.build_demo_dataset(tmp_path / "bids", n_subjects=3, random_seed=1)
+    (root / "derivatives").mkdir()
+    (root / "derivatives" / "keep.txt").write_text("mine")
+    with pytest.raises(ValueError, match="out_dir"):
+        demo.build_demo_dataset(root, n_subjects=2, random_seed=1)
+    again = demo.build_demo_dataset(root, n_subjects=2, random_seed=1, overwrite=True)
+    assert again == root
+    assert sorted(p.name for p in root.glob("sub-*")) == ["sub-01", "sub-02"]
+    assert len(_read_tsv(root / "participants.tsv")) == 2
+    assert (root / "derivatives" / "keep.txt").read_text() == "mine"
+    # a directory this builder did not write is never cleared, even with overwrite
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "data.nii").write_text("precious")
+    with pytest.raises(ValueError, match="out_dir"):
+        demo.build_demo_dataset(foreign, n_subjects=2, overwrite=True)
+    assert (foreign / "data.nii").read_text() == "precious"
+
+
+# ------------------------------------------------------------------------------------------
+# the simulated effects
+# ------------------------------------------------------------------------------------------
+def test_planted_atrophy_lowers_tissue_in_pt_images(dataset, cohort):
+    """Image-level check: map each written image back to its anatomy with the known head
+    position and count tissue-bright voxels inside the planted balls."""
+    bases = demo._deformation_bases()
+    planted = _ball_points(demo.PLANTED_ATROPHY_CENTRES_MM, demo.PLANTED_ATROPHY_RADIUS_MM, step=2.0)
+    fraction = {}
+    for label, subject in cohort.items():
+        img = nib.load(dataset / label / "anat" / f"{label}_T1w.nii.gz")
+        data = np.asarray(img.dataobj, dtype=np.float32)
+        to_voxel = np.linalg.inv(img.affine) @ np.linalg.inv(demo._scanner_to_anatomy(subject, bases))
+        values = ndi.map_coordinates(data, (planted @ to_voxel[:3, :3].T + to_voxel[:3, 3]).T, order=1)
+        bright = np.percentile(data[data > np.percentile(data, 50)], 90)  # ~ white matter
+        fraction[label] = float((values > 0.5 * bright).mean())
+    pt = [fraction[k] for k, s in cohort.items() if s.group == "PT"]
+    hc = [fraction[k] for k, s in cohort.items() if s.group == "HC"]
+    assert np.mean(pt) < np.mean(hc) - 0.02
+    assert max(pt) < max(hc)
+
+
+def test_planted_atrophy_size_and_locality():
+    """Known-transform check: GM+WM of the template balls that survives in the subject
+    (modulated, via the pull-back) drops by ~20 % for severity 1, and nothing moves far away."""
+    bases = demo._deformation_bases()
+    tissue = demo._template_images(1.0)
+    radius = demo.PLANTED_ATROPHY_RADIUS_MM
+    centres = np.asarray(demo.PLANTED_ATROPHY_CENTRES_MM)
+    # subject-space grid (0.5 mm) covering the balls and the surrounding field
+    region = torch.from_numpy(_ball_points(centres, 2.0 * radius, step=0.5))
+    reference = float(tissue.sample(torch.from_numpy(_ball_points(centres, radius, step=0.5)))[:, 1].sum())
+    warp = _no_warp()
+    healthy = demo._pull_back(_subject(50, 0.0), bases, warp, region)
+    modulated = {}
+    for severity in (0.8, 1.0, 1.2):
+        template = demo._pull_back(_subject(50, severity), bases, warp, region)
+        in_ball = np.min(np.linalg.norm(template.numpy()[:, None] - centres[None], axis=2), axis=1) <= radius
+        modulated[severity] = float(tissue.sample(template)[:, 1].numpy()[in_ball].sum()) / reference
+        # healthy subject of the same age: same modulated amount minus the ageing loss
+        moved = np.linalg.norm((template - healthy).numpy(), axis=1)
+        far = np.min(np.linalg.norm(region.numpy()[:, None] - centres[None], axis=2), axis=1) > 1.8 * radius
+        assert moved[far].max() < 0.15 * severity
+        assert moved.max() > 1.0
+    healthy_in_ball = np.min(np.linalg.norm(healthy.numpy()[:, None] - centres[None], axis=2), axis=1) <= radius
+    healthy_amount = float(tissue.sample(healthy)[:, 1].numpy()[healthy_in_ball].sum()) / reference
+    loss = {k: 1.0 - v / healthy_amount for k, v in modulated.items()}
+    assert 0.15 <= loss[1.0] <= 0.25
+    assert loss[0.8] < loss[1.0] < loss[1.2]
+
+
+def test_no_folding_in_the_most_extreme_subject():
+    bases = demo._deformation_bases()
+    axes = [np.arange(lo, hi, 1.0, dtype=np.float32) for lo, hi in ((-50, 50), (-50, 30), (-40, 40))]
+    grid = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1)
+    pulled = demo._pull_back(_subject(80, 1.2), bases, _no_warp(), torch.from_numpy(grid.reshape(-1, 3)))
+    pulled = pulled.numpy().reshape(grid.shape)
+    jac = np.stack([np.stack(np.gradient(pulled[..., i]), axis=-1) for i in range(3)], axis=-2)
+    det = np.linalg.det(jac)
+    assert det.min() > 0.01
+    assert det.max() > 1.2 and det.min() < 0.5  # the fields do act here
+
+
+def test_ageing_shrinks_brain_and_grows_ventricles():
+    """Known answer: GM+WM volume falls by 0.2-0.5 %/year, faster when older; ventricles grow."""
+    bases = demo._deformation_bases()
+    tpl = bases.template
+    tissue = demo._template_images(2.0)
+    ventricles = demo._Volume(torch.from_numpy(tpl.ventricles.astype(np.float32))[None, None], tpl.affine)
+    idx = np.argwhere(tpl.reach)
+    axes = [
+        np.arange(lo, hi + 1, 2.0, dtype=np.float32) + np.float32(tpl.affine[a, 3])
+        for a, (lo, hi) in enumerate(zip(idx.min(0), idx.max(0)))
+    ]
+    points = torch.from_numpy(np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 3))
+    volume, vent = {}, {}
+    for age in (20, 40, 60, 80):
+        template = demo._pull_back(_subject(age, 0.0), bases, _no_warp(), points)
+        volume[age] = float(tissue.sample(template)[:, 1].sum()) * 8e-3
+        vent[age] = float(ventricles.sample(template).sum()) * 8e-3
+    rates = [100 * (1 - (volume[a + 20] / volume[a]) ** (1 / 20)) for a in (20, 40, 60)]
+    assert all(0.2 <= r <= 0.5 for r in rates), rates
+    assert rates[0] < rates[1] < rates[2]
+    assert volume[20] == pytest.approx(float(tpl.tissue.sum()) * 1e-3, rel=0.02)
+    assert vent[80] > 1.5 * vent[20]
+    assert vent[20] < vent[40] < vent[60] < vent[80]
+
+
+def test_older_participants_have_smaller_brains(dataset, cohort):
+    rows = {r["participant_id"]: r for r in _read_tsv(dataset / "participants.tsv")}
+    truth = _read_tsv(dataset / "sourcedata" / "brainage-demo" / "simulation_parameters.tsv")
+    ages, true_volume, image_volume = [], [], []
+    for row in truth:
+        subject = cohort[row["participant_id"]]
+        head = float(np.prod(subject.scale))
+        ages.append(float(rows[row["participant_id"]]["age"]))
+        true_volume.append(float(row["brain_tissue_volume_ml"]) / head)
+        img = nib.load(dataset / row["participant_id"] / "anat" / f"{row['participant_id']}_T1w.nii.gz")
+        data = np.asarray(img.dataobj, dtype=np.float32)
+        bright = np.percentile(data[data > np.percentile(data, 50)], 90)
+        # tissue-bright voxels (GM and WM, not CSF or background), head-size corrected
+        image_volume.append((data > 0.5 * bright).sum() * 8e-3 / head)
+    ages = np.array(ages)
+    assert np.corrcoef(ages, true_volume)[0, 1] < -0.9
+    assert np.corrcoef(ages, image_volume)[0, 1] < -0.8
+    slope = np.polyfit(ages, image_volume, 1)[0] / np.mean(image_volume)
+    assert -0.006 < slope < -0.0015  # 0.15-0.6 % of brain volume per year, as planted

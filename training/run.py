@@ -1,0 +1,179 @@
+"""``run_training``: the one code path behind ``brainage-train`` and the Python API."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from bidsapp.errors import UsageError
+
+from .config import TrainConfig
+from .data import InputCache, collect_records
+from .distributed import setup_distributed, teardown_distributed
+from .export import evaluate_fold, export_model, ridge_cross_validation
+from .families import ModelFamily, get_family
+from .splits import load_or_create_splits
+from .trainer import Trainer
+
+__all__ = ["run_training", "resolve_init_from"]
+
+LOGGER = logging.getLogger("brainage.training")
+
+
+def resolve_init_from(init_from: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Model card and checked fold weights of a shipped model id or a card path.
+
+    Raises
+    ------
+    UsageError
+        Unknown model id.
+    ModelError
+        Missing or tampered weights.
+    """
+    from bidsapp.inference.registry import available_models, models_dir
+    from bidsapp.inference.weights import load_card_state_dicts
+
+    path = Path(init_from)
+    if path.suffix == ".json" and path.is_file():
+        card, folder = json.loads(path.read_text(encoding="utf-8")), path.parent
+    else:
+        cards = available_models()
+        if init_from not in cards:
+            raise UsageError(f"init_from: no shipped model {init_from!r} in {models_dir()} "
+                             f"(available: {', '.join(cards) or 'none'}); give a model id or a "
+                             "model card path")
+        card, folder = cards[init_from], models_dir()
+    return card, load_card_state_dicts(card, folder)
+
+
+def _family_for(config: TrainConfig) -> tuple[ModelFamily, list[dict[str, Any]] | None, dict | None]:
+    if config.init_from is None:
+        return get_family(config.family, config.model, config.input), None, None
+    card, states = resolve_init_from(config.init_from)
+    if card.get("family") != config.family:
+        raise UsageError(f"init_from {config.init_from} is a {card.get('family')!r} model, but the "
+                         f"config trains {config.family!r}")
+    params = {k: v for k, v in card["architecture"]["params"].items()
+              if k not in ("spatial_dims", "in_channels", "out_channels")}
+    if config.model and config.model != params:
+        LOGGER.warning("init_from: the [model] table is ignored; the architecture of %s is used",
+                       config.init_from)
+    if config.input and config.input != card["input"]["params"]:
+        LOGGER.warning("init_from: the [input] table is ignored; the input preparation of %s "
+                       "is used", config.init_from)
+    family = get_family(config.family, params, card["input"]["params"])
+    origin = {"id": card.get("id"), "sha256": [w["sha256"] for w in card["weights"]],
+              "training_data": card.get("training_data", {}).get("dataset")}
+    return family, states, origin
+
+
+def run_training(config: TrainConfig, *, folds: Sequence[int] | None = None, resume: bool = False,
+                 export: bool = True, trainer_cls: type[Trainer] = Trainer) -> dict[str, Any]:
+    """Cross-validated training of one model family, then export of weights and card.
+
+    Parameters
+    ----------
+    config : TrainConfig
+    folds : sequence of int, optional
+        Train only these folds (default all); export happens once every fold has finished.
+    resume : bool
+        Continue interrupted folds from their latest checkpoint; finished folds are kept.
+    export : bool
+        Write weights and card to ``config.export.models_dir`` when all folds are done.
+    trainer_cls : type
+        A :class:`~training.trainer.Trainer` subclass (a variant overriding hooks).
+
+    Returns
+    -------
+    dict
+        ``{"folds": {k: evaluation}, "card": path or None}`` (evaluations on rank 0 only).
+    """
+    t0 = time.perf_counter()
+    dist = setup_distributed(config.runtime.device)
+    try:
+        if config.runtime.num_threads:
+            torch.set_num_threads(config.runtime.num_threads)
+        if config.runtime.deterministic and dist.device.type == "cuda":
+            import os
+
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        family, init_states, origin = _family_for(config)
+        work = config.work_dir
+        if dist.is_main:
+            work.mkdir(parents=True, exist_ok=True)
+            (work / "config.json").write_text(config.to_json(), encoding="utf-8")
+        records = collect_records(config.data.bids_dir, config.data.derivatives,
+                                  participant_labels=config.data.participant_labels)
+        first_age: dict[str, float] = {}
+        for record in sorted(records, key=lambda r: r.key):
+            first_age.setdefault(record.participant, record.age)
+        # rank 0 writes splits and cache; the others read what it wrote
+        cache = InputCache(work / "cache" / family.cache_tag(), family.cache_tag(), family.prepare)
+        if dist.is_main:
+            splits = load_or_create_splits(work / "splits.json", first_age, folds=config.data.folds,
+                                           val_fraction=config.data.val_fraction, seed=config.seed,
+                                           user_file=config.data.splits_file)
+            cache.load(records, progress=config.runtime.progress)
+            cache.write_manifest()
+        dist.barrier()
+        if not dist.is_main:
+            splits = load_or_create_splits(work / "splits.json", first_age, folds=config.data.folds,
+                                           val_fraction=config.data.val_fraction, seed=config.seed,
+                                           user_file=config.data.splits_file)
+            cache.load(records)
+        usable = [r for r in records if family.keep(cache.views(r.key))]
+        if len(usable) < len(records):
+            LOGGER.warning("%d scan(s) excluded as mostly background: %s", len(records) - len(usable),
+                           ", ".join(r.key for r in records if r not in usable))
+        n_folds = len(splits["folds"])
+        chosen = list(range(n_folds)) if folds is None else [int(k) for k in folds]
+        bad = [k for k in chosen if not 0 <= k < n_folds]
+        if bad:
+            raise UsageError(f"fold(s) {bad} do not exist (the splits have {n_folds})")
+        results: dict[int, Any] = {}
+        for k in chosen:
+            part = {name: set(splits["folds"][k][name]) for name in ("train", "val", "test")}
+            train = [r for r in usable if r.participant in part["train"]]
+            val = [r for r in usable if r.participant in part["val"]]
+            test = [r for r in usable if r.participant in part["test"]]
+            LOGGER.info("fold %d: %d train, %d validation, %d test scans", k, len(train), len(val),
+                        len(test))
+            if not train or not val:
+                raise UsageError(f"fold {k} has no usable training or validation scan "
+                                 f"({len(train)} train, {len(val)} validation); check the splits "
+                                 "and the input shape (scans that are mostly background are "
+                                 "excluded)")
+            init = init_states[k % len(init_states)] if init_states else None
+            trainer = trainer_cls(config, family, cache, train, val, k, work / f"fold{k}", dist,
+                                  resume=resume, init_state=init).run()
+            if dist.is_main:
+                result = evaluate_fold(family, cache, test, trainer.best_path, dist.device,
+                                       config.export.robustness_spacings_mm)
+                (work / f"fold{k}" / "evaluation.json").write_text(json.dumps(result, indent=1),
+                                                                   encoding="utf-8")
+                results[k] = result
+            dist.barrier()
+        card = None
+        if dist.is_main and export:
+            done = {}
+            for k in range(n_folds):
+                path = work / f"fold{k}" / "evaluation.json"
+                if path.is_file() and (work / f"fold{k}" / "checkpoint_final.pt").is_file():
+                    done[k] = json.loads(path.read_text(encoding="utf-8"))
+            if len(done) == n_folds:
+                ridge = (ridge_cross_validation(cache, usable, splits)
+                         if config.export.ridge_baseline else None)
+                card = export_model(config, family, usable, splits, done, work, dist.device,
+                                    ridge=ridge, fine_tuned_from=origin,
+                                    wall_seconds=time.perf_counter() - t0)
+            else:
+                LOGGER.info("export postponed: %d of %d folds finished", len(done), n_folds)
+        dist.barrier()
+        return {"folds": results, "card": card}
+    finally:
+        teardown_distributed()
