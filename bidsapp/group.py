@@ -29,7 +29,7 @@ import pandas as pd
 
 from . import stats
 from .derivatives import TEMPLATE_SPACE, SourceEntities, atomic_write, write_json
-from .errors import AgeError, InputMissingError, PhenotypeError, UsageError
+from .errors import InputMissingError, PhenotypeError, UsageError
 
 __all__ = ["GroupOptions", "GroupResult", "run_group_level"]
 
@@ -649,13 +649,15 @@ def _bias_fits(ctx, model, table):
     if opts.bias_correction == "none":
         corrected = raw
     else:
-        if opts.bias_fit_on != "controls":
-            spec = json.loads(Path(opts.bias_fit_on).read_text(encoding="utf-8"))
-            if spec.get("model") not in (None, model):
-                raise UsageError(f"--bias-fit-on {opts.bias_fit_on} holds a fit for model "
-                                 f"{spec.get('model')!r}, not {model!r}")
-            fit = stats.bias_correction_from_dict(spec.get("global", spec))
+        spec = _stored_fit(opts.bias_fit_on, model)
+        if spec is not None:
+            fit = stats.bias_correction_from_dict(spec)
+            info["n_fit_stored"] = fit.n_fit
         else:
+            if opts.bias_fit_on != "controls":
+                LOGGER.warning("%s holds no fit for model %s: fitting on this run's controls",
+                               opts.bias_fit_on, model)
+                info["fitted_on"] = "controls"
             if ctrl.sum() < 3:
                 raise PhenotypeError(f"model {model}: bias correction needs >= 3 controls "
                                      f"({opts.control_label!r}) with ages; found {int(ctrl.sum())}")
@@ -664,6 +666,7 @@ def _bias_fits(ctx, model, table):
         ok = np.isfinite(table["age"]).to_numpy()
         corrected = np.full(raw.shape, np.nan)
         corrected[ok] = fit.apply(age=table["age"].to_numpy()[ok], predicted=table["brain_age"].to_numpy()[ok])
+        info["method"] = fit.method
         info["global"] = fit.to_dict()
     corr = {}
     for name, values in (("before", raw), ("after", corrected)):
@@ -678,6 +681,21 @@ def _bias_fits(ctx, model, table):
     if opts.bias_correction != "none":
         ctx.writer.json(f"desc-{_label(model)}_biasfit.json", info)
     return corrected
+
+
+def _stored_fit(path, model):
+    """The global fit for ``model`` in a ``desc-<model>_biasfit.json`` (None if absent)."""
+    if path == "controls":
+        return None
+    try:
+        spec = json.loads(Path(path).read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise UsageError(f"--bias-fit-on {path} is not valid JSON: {exc}") from None
+    if not isinstance(spec, dict) or "method" not in spec:
+        raise UsageError(f"--bias-fit-on {path} is not a brainage bias-fit file (no 'method')")
+    if spec.get("model") not in (None, model) or "global" not in spec:
+        return None
+    return spec["global"]
 
 
 def _global_pad(ctx, bage):
@@ -750,10 +768,7 @@ def _brainage_maps(ctx, per_model):
     models = sorted({m for maps in ctx.scans["brainagemap"] for m in maps})
     for model in models:
         rows = ctx.scans.index[[model in m for m in ctx.scans["brainagemap"]]].to_numpy()
-        age = ctx.pheno.loc[rows, "age_years"].to_numpy()
-        if model in per_model:
-            known = per_model[model].set_index(per_model[model].index)["age"]
-            age = np.where(np.isin(rows, known.index), known.reindex(rows).to_numpy(), age)
+        age = ctx.pheno.loc[rows, "age_years"].to_numpy()   # already holds the tables' ages
         rows = rows[np.isfinite(age)]
         age = age[np.isfinite(age)]
         if rows.size < 2:
@@ -774,8 +789,9 @@ def _brainage_maps(ctx, per_model):
         labels, table = _atlas(ctx, affine, mask.shape)
         present = [k for k in table["index"] if np.any(labels[mask] == k)]
         names = table.set_index("index").loc[present, "name"].tolist()
-        roi_age = _roi_means(data[:, mask], labels[mask], present)
-        roi_pad = roi_age - age[:, None]     # seed 000: mean voxel brain age in ROI minus age
+        # seed 000: ROI brain-PAD = mean voxel brain age in the ROI minus age; here from the
+        # bias-corrected voxel deltas, which equals that when no correction is asked for
+        roi_pad = _roi_means(pad, labels[mask], present)
         _roi_contrasts(ctx, model, roi_pad, names, rows, "roi_brain_pad")
         if "roi_volumes" in ctx.report:
             vnames, volumes = ctx.report["roi_volumes"]
@@ -793,7 +809,9 @@ def _brainage_maps(ctx, per_model):
                                          r.pvalue, min(1.0, r.pvalue * len(names)), r.statistic))
         _pooled_voxel_tests(ctx, model, pad, rows)
         _voxel_contrasts(ctx, model, model, pad_vol, mask, affine, rows, f"voxel brain-PAD ({model})")
-        _icc_analysis(ctx, model, pad_vol, mask, affine, rows, roi_pad, names, np.nanmean(pad, axis=1))
+        # reliability of the brain-age predictions themselves (seed 000 Fig. 7)
+        _icc_analysis(ctx, model, data, mask, affine, rows, _roi_means(vec, labels[mask], present), names,
+                      np.nanmean(vec, axis=1))
 
 
 def _roi_means(data, labels, present):

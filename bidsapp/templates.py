@@ -164,7 +164,6 @@ def template_grid(resolution_mm: float) -> tuple[tuple[int, int, int], np.ndarra
     return shape, out
 
 
-@functools.lru_cache(maxsize=4)
 def get_template(resolution_mm: float = 2.0) -> TemplateImages:
     """The template images on the ``resolution_mm`` grid (cached in memory).
 
@@ -182,9 +181,13 @@ def get_template(resolution_mm: float = 2.0) -> TemplateImages:
     ImageError
         If nilearn's bundled files cannot be read.
     """
+    return _build_template(_check_resolution(resolution_mm))
+
+
+@functools.lru_cache(maxsize=4)
+def _build_template(res: float) -> TemplateImages:
     from .anat.grid import new_image, resample_to_grid
 
-    res = _check_resolution(resolution_mm)
     t1, gm, wm, affine = _native()
     shape, dst_affine = template_grid(res)
     images = []

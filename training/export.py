@@ -6,7 +6,6 @@ import json
 import logging
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence

@@ -16,6 +16,7 @@ __all__ = [
     "new_image",
     "voxel_volume_ml",
     "grid_spacing",
+    "antialias_sigma",
     "resample_to_grid",
     "working_grid",
     "mask_bounding_box",
@@ -64,12 +65,22 @@ def voxel_volume_ml(img: nib.spatialimages.SpatialImage) -> float:
     return float(abs(np.linalg.det(np.asarray(img.affine, dtype=float)[:3, :3]))) / 1000.0
 
 
-def _antialias_sigma(src_affine: np.ndarray, dst_affine: np.ndarray) -> np.ndarray:
+def antialias_sigma(src_affine: np.ndarray, dst_affine: np.ndarray) -> np.ndarray:
     """Gaussian sigma (source voxels) that turns point sampling into ~footprint averaging.
 
     Along each source axis, the destination spacing is ``1 / |T^-1 e|`` (``T`` the destination's
     linear part, ``e`` the unit source axis); the Gaussian has the variance of a box of the
     missing width, ``(s_dst^2 - s_src^2) / 12``, as for block averaging.
+
+    Parameters
+    ----------
+    src_affine, dst_affine : ndarray, shape (4, 4)
+        Voxel-to-world matrices of the source and destination grids.
+
+    Returns
+    -------
+    ndarray, shape (3,)
+        Sigma per source axis in source voxels (0 where the destination is not coarser).
     """
     src_lin = np.asarray(src_affine, dtype=float)[:3, :3]
     src_sp = grid_spacing(src_affine)
@@ -101,7 +112,7 @@ def resample_to_grid(img: nib.spatialimages.SpatialImage, shape: tuple[int, int,
         Spline order (0 nearest, 1 trilinear).
     antialias : bool, default True
         Gaussian pre-smoothing where the destination is coarser than the source (see
-        :func:`_antialias_sigma`); it keeps sums (volumes) of probability maps consistent.
+        :func:`antialias_sigma`); it keeps sums (volumes) of probability maps consistent.
     mode : str, default "constant"
         Outside the source: ``"constant"`` (``cval``) or ``"nearest"`` (edge extension).
     cval : float, default 0
@@ -125,7 +136,7 @@ def resample_to_grid(img: nib.spatialimages.SpatialImage, shape: tuple[int, int,
     affine = np.asarray(affine, dtype=float)
     data = np.asarray(img.dataobj, dtype=np.float32)
     if antialias and order > 0:
-        sigma = _antialias_sigma(img.affine, affine)
+        sigma = antialias_sigma(img.affine, affine)
         if sigma.max() > 0:
             data = ndi.gaussian_filter(data, sigma, mode="nearest")
     # destination voxel -> source voxel

@@ -8,6 +8,8 @@ import shutil
 from collections import defaultdict
 from pathlib import Path
 
+from tqdm import tqdm
+
 from ..bids.layout import T1wUnit, collect_t1w_units
 from ..bids.validation import validate_dataset
 from ..config import RunConfig
@@ -105,10 +107,19 @@ def run_participant_level(config: RunConfig) -> None:
         "crashdump_dir": str(crash_root), "crashfile_format": "txt", "stop_on_first_crash": False,
         "remove_unnecessary_outputs": False, "parameterize_dirs": False})
     plugin, plugin_args = _plugin(config, len(good))
+    progress = tqdm(total=len(good), desc="brainage participant", unit="T1w", disable=None)
+
+    def _on_status(node, status):  # nipype calls this as nodes start/end/fail
+        if node.name == "ds_anat" and status == "end":
+            progress.update(1)
+
+    plugin_args["status_callback"] = _on_status
     try:
         workflow.run(plugin=plugin, plugin_args=plugin_args)
     except RuntimeError as exc:  # nipype: "Workflow did not execute cleanly"
         LOGGER.debug("workflow reported failures: %s", exc)
+    finally:
+        progress.close()
     crashes = _crashed_units(crash_root, good)
     errors_by_subject: dict[str, list[str]] = defaultdict(list)
     for unit, message in bad.items():
@@ -133,21 +144,32 @@ def _keep_crash(crash: Path, unit: T1wUnit, config: RunConfig) -> Path:
     return dest
 
 
-def _write_reports(config: RunConfig, units: list[T1wUnit], errors: dict[str, list[str]]) -> int:
-    """One HTML report per participant; returns how many could not be written."""
+def _report_job(output_dir: Path, subject: str, run_uuid: str, methods: str, errors: list[str],
+                sources: list) -> str:
     from ..reports import generate_participant_report
+
+    return str(generate_participant_report(output_dir, subject, run_uuid=run_uuid, methods=methods,
+                                           errors=errors, units=sources))
+
+
+def _write_reports(config: RunConfig, units: list[T1wUnit], errors: dict[str, list[str]]) -> int:
+    """One HTML report per participant (in parallel); returns how many could not be written."""
+    from concurrent.futures import ProcessPoolExecutor
+
     from ..workflows.anatomical import init_anat_preproc_wf
 
     methods = init_anat_preproc_wf(omp_nthreads=1, vbm_fwhm=config.vbm_fwhm).__desc__ or ""
+    subjects = sorted({u.source.subject for u in units})
     failed = 0
-    for subject in sorted({u.source.subject for u in units}):
-        try:
-            path = generate_participant_report(
-                config.output_dir, subject, run_uuid=config.run_uuid, methods=methods,
-                errors=errors.get(subject, ()),
-                units=[u.source for u in units if u.source.subject == subject])
-            LOGGER.info("report: %s", path)
-        except Exception as exc:  # noqa: BLE001 - a report failure must not hide the results
-            failed += 1
-            LOGGER.error("sub-%s: the HTML report could not be written (%s)", subject, exc)
+    with ProcessPoolExecutor(max_workers=max(1, min(config.nprocs, len(subjects)))) as pool:
+        jobs = {subject: pool.submit(_report_job, config.output_dir, subject, config.run_uuid, methods,
+                                     errors.get(subject, []),
+                                     [u.source for u in units if u.source.subject == subject])
+                for subject in subjects}
+        for subject, job in tqdm(jobs.items(), desc="reports", unit="participant", disable=None):
+            try:
+                LOGGER.info("report: %s", job.result())
+            except Exception as exc:  # noqa: BLE001 - a report failure must not hide the results
+                failed += 1
+                LOGGER.error("sub-%s: the HTML report could not be written (%s)", subject, exc)
     return failed

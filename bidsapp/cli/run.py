@@ -65,9 +65,16 @@ def _setup_logging(verbosity: int) -> None:
     logging.addLevelName(25, "IMPORTANT")
     logging.basicConfig(level=level, format="%(asctime)s | %(levelname)-8s | %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stderr, force=True)
-    # nipype is chatty at INFO; keep it to warnings unless debugging.
+    # nipype has handlers of its own and is chatty at INFO: warnings only unless -vv, no duplicates.
+    from nipype import config as nipype_config, logging as nipype_logging
+
+    nipype_level = "INFO" if verbosity >= 2 else "WARNING"
+    nipype_config.update_config({"logging": {"workflow_level": nipype_level,
+                                             "interface_level": nipype_level,
+                                             "utils_level": nipype_level}})
+    nipype_logging.update_logging(nipype_config)
     for name in ("nipype.workflow", "nipype.interface", "nipype.utils"):
-        logging.getLogger(name).setLevel(logging.INFO if verbosity >= 2 else logging.WARNING)
+        logging.getLogger(name).propagate = False
 
 
 def _set_thread_env(omp_nthreads: int, seed: int) -> None:

@@ -26,8 +26,6 @@ the per-level overhead over permutations.
 from __future__ import annotations
 
 import numpy as np
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 
 from ._validation import _as_float_array, _check_float, _check_in, _check_int, _check_mask
 

@@ -52,7 +52,7 @@ def init_single_t1w_wf(*, unit: T1wUnit, output_dir: Path, omp_nthreads: int = 1
     sink = pe.Node(AnatDerivativesSink(base_directory=str(output_dir), source_file=str(unit.path),
                                        relpath=unit.relpath, scan_info=json.dumps(unit.info.as_dict()),
                                        vbm_fwhm=vbm_fwhm),
-                   name="ds_anat", run_without_submitting=True)
+                   name="ds_anat", run_without_submitting=True, overwrite=True)
     fields = [f for f in RESULT_FIELDS if vbm_fwhm or not f.endswith("_smooth")]
     workflow.connect([(anat_wf, sink, [(f"outputnode.{f}", f) for f in fields])])
     workflow.__desc__ = getattr(anat_wf, "__desc__", "")

@@ -1,0 +1,59 @@
+"""Atropos segmentation with template priors, on the template itself (identity transform)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bidsapp.anat._runtime import import_ants
+from bidsapp.anat.qc import map_volume_ml
+from bidsapp.anat.segment import segment_tissues, tpms_to_dseg
+from bidsapp.templates import get_template
+
+
+def test_tpms_to_dseg_known_answer():
+    gm = np.array([[[0.6, 0.2, 0.1, 0.9]]])
+    wm = np.array([[[0.3, 0.7, 0.1, 0.05]]])
+    csf = np.array([[[0.1, 0.1, 0.8, 0.05]]])
+    mask = np.array([[[1, 1, 1, 0]]])
+    np.testing.assert_array_equal(tpms_to_dseg([gm, wm, csf], mask), [[[1, 2, 3, 0]]])
+    with pytest.raises(ValueError, match="differ in shape"):
+        tpms_to_dseg([gm, wm, csf], np.ones((2, 2, 2)))
+
+
+@pytest.fixture(scope="module")
+def identity_xfm(tmp_path_factory):
+    ants = import_ants(1)
+    path = tmp_path_factory.mktemp("xfm") / "identity.mat"
+    ants.write_transform(ants.create_ants_transform(transform_type="AffineTransform", dimension=3), str(path))
+    return path
+
+
+def test_segmenting_the_template_recovers_its_priors(identity_xfm):
+    tpl = get_template(2.0)
+    tpms, dseg = segment_tissues(tpl.t1w, tpl.mask, identity_xfm, random_seed=0, omp_nthreads=1)
+    mask = tpl.mask.get_fdata() > 0
+    stack = np.stack([t.get_fdata() for t in tpms])
+    np.testing.assert_allclose(stack.sum(0)[mask], 1.0, atol=1e-4)
+    assert stack[:, ~mask].max() == 0.0
+    assert all(t.get_data_dtype() == np.float32 for t in tpms) and dseg.get_data_dtype() == np.uint8
+    # volumes close to the priors' (GM 1008, WM 670 mL), labels agree with the priors' argmax
+    assert map_volume_ml(tpms[0]) == pytest.approx(map_volume_ml(tpl.gm), rel=0.15)
+    assert map_volume_ml(tpms[1]) == pytest.approx(map_volume_ml(tpl.wm), rel=0.15)
+    prior_labels = tpms_to_dseg([p.get_fdata() for p in tpl.tpms], mask)
+    agreement = np.mean(dseg.get_fdata()[mask] == prior_labels[mask])
+    assert agreement > 0.8
+    # WM is the brightest class and CSF the darkest in a T1w
+    t1 = tpl.t1w.get_fdata()
+    means = [np.average(t1[mask], weights=p[mask]) for p in stack]
+    assert means[1] > means[0] > means[2]
+
+
+def test_segment_arguments_are_validated(identity_xfm):
+    tpl = get_template(2.0)
+    with pytest.raises(ValueError, match="prior_weight"):
+        segment_tissues(tpl.t1w, tpl.mask, identity_xfm, prior_weight=2.0)
+    with pytest.raises(ValueError, match="iterations"):
+        segment_tissues(tpl.t1w, tpl.mask, identity_xfm, iterations=0)
+    with pytest.raises(TypeError, match="random_seed"):
+        segment_tissues(tpl.t1w, tpl.mask, identity_xfm, random_seed=1.5)
