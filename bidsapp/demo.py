@@ -66,6 +66,8 @@ _GM_TO_WM_LOSS_RATIO = 1.5
 # Ventricular volume gain per unit of brain-tissue loss fraction (linearised divergence).
 _VENTRICLE_GAIN = 5.0
 _SEVERITY_RANGE = (0.8, 1.2)
+# Largest first-order volume gain of a CSF voxel from the planted atrophy (per unit severity).
+_GROWTH_CAP = 1.0
 _ROTATION_MAX_DEG = 10.0
 _TRANSLATION_MAX_MM = 10.0
 # Head size: males slightly larger (x1.02), females smaller (x0.98), +-2 % individual spread.
@@ -74,8 +76,8 @@ _SCALE_SPREAD = 0.02
 _ANISOTROPY = 0.01
 _BIAS_RANGE = (0.15, 0.20)
 _SNR_RANGE = (20.0, 30.0)
-_INDIVIDUAL_WARP_RMS_MM = 1.0
-_INDIVIDUAL_WARP_SMOOTH_MM = 12.0
+_INDIVIDUAL_WARP_RMS_MM = 0.6
+_INDIVIDUAL_WARP_SMOOTH_MM = 15.0
 # Scanner field of view (mm) along world L-R, P-A, I-S: the brain never touches its border.
 _FOV_MM = (200.0, 256.0, 232.0)
 _ORIENTATIONS = (("P", "S", "R"), ("L", "A", "S"), ("L", "P", "S"))
@@ -299,13 +301,33 @@ def _ageing_source(tpl: _Template) -> np.ndarray:
     return source.astype(np.float32)
 
 
+def _spread(volume: float, weight: np.ndarray, cap: float) -> np.ndarray:
+    """Density ``min(cap, k * weight)`` summing to ``volume`` (bisection on ``k``)."""
+    if cap * float(weight[weight > 0].size) < volume:
+        raise ValueError("not enough room to spread the volume under the cap")
+    low, high = 0.0, 1.0
+    while np.minimum(cap, high * weight).sum() < volume:
+        high *= 2.0
+    for _ in range(60):
+        mid = 0.5 * (low + high)
+        if np.minimum(cap, mid * weight).sum() < volume:
+            low = mid
+        else:
+            high = mid
+    return np.minimum(cap, high * weight).astype(np.float32)
+
+
 def _patient_source(tpl: _Template) -> tuple[np.ndarray, tuple[slice, ...]]:
     """Divergence per unit severity for the planted medial-temporal atrophy, on a crop of
-    the template grid (returned with its slices).  Tissue within ~18 mm of each centre shrinks;
-    non-tissue (temporal horn, cisterns, sulci, extracerebral space) within ~22 mm grows by the
-    same volume (ex-vacuo enlargement), so the field vanishes far from the centres.  Keeping
-    the compensation this close makes the loss visible as tissue replaced by CSF inside the
-    ball, not only as a contraction that a registration would have to recover."""
+    the template grid (returned with its slices).
+
+    Tissue within ~18 mm of each centre shrinks; non-tissue (temporal horn, cisterns, sulci,
+    extracerebral space) within ~22 mm grows by the same volume (ex-vacuo enlargement), so the
+    field vanishes far from the centres.  Keeping the compensation this close makes the loss
+    visible as tissue replaced by CSF, not only as a contraction that a registration would
+    have to recover; capping the growth density at :data:`_GROWTH_CAP` keeps small cisterns
+    from ballooning.
+    """
     lo = np.array([-75.0, -70.0, -65.0]) - tpl.affine[:3, 3]
     hi = np.array([75.0, 30.0, 35.0]) - tpl.affine[:3, 3]
     crop = tuple(slice(int(round(a)), int(round(b)) + 1) for a, b in zip(lo, hi))
@@ -317,14 +339,18 @@ def _patient_source(tpl: _Template) -> tuple[np.ndarray, tuple[slice, ...]]:
     for centre in PLANTED_ATROPHY_CENTRES_MM:
         r = np.sqrt(sum((g - c) ** 2 for g, c in zip(grids, centre)))
         shrink = _raised_cosine(r, 0.6 * radius, 1.2 * radius) * tissue
-        grow = _raised_cosine(r, 1.0 * radius, 1.5 * radius) * outer
-        grow *= shrink.sum() / grow.sum()
-        # Calibrate the amplitude so that (to first order) the tissue-weighted volume change
-        # inside the ball, sum(tissue * div u) / sum(tissue), equals -PLANTED_ATROPHY_TISSUE_LOSS.
+        room = _raised_cosine(r, 1.0 * radius, 1.5 * radius) * outer
         ball = r <= radius
-        per_unit = float((tissue * (grow - shrink))[ball].sum())
-        amplitude = -PLANTED_ATROPHY_TISSUE_LOSS * float(tissue[ball].sum()) / per_unit
-        source += amplitude * (grow - shrink)
+        # Calibrate the amplitude so that (to first order) the tissue-weighted volume change
+        # inside the ball, sum(tissue * div u) / sum(tissue), equals -PLANTED_ATROPHY_TISSUE_LOSS;
+        # growth inside the ball offsets part of the shrinkage, hence the few iterations.
+        amplitude = PLANTED_ATROPHY_TISSUE_LOSS * float(tissue[ball].sum()) / float((tissue * shrink)[ball].sum())
+        for _ in range(6):
+            grow = _spread(amplitude * float(shrink.sum()), room, _GROWTH_CAP)
+            change = grow - amplitude * shrink
+            loss = -float((tissue * change)[ball].sum()) / float(tissue[ball].sum())
+            amplitude *= PLANTED_ATROPHY_TISSUE_LOSS / loss
+        source += change
     return source, crop
 
 

@@ -29,7 +29,7 @@ import pandas as pd
 
 from . import stats
 from .derivatives import TEMPLATE_SPACE, SourceEntities, atomic_write, write_json
-from .errors import InputMissingError, PhenotypeError, UsageError
+from .errors import ImageError, InputMissingError, PhenotypeError, UsageError
 
 __all__ = ["GroupOptions", "GroupResult", "run_group_level"]
 
@@ -434,16 +434,16 @@ class _Context:
 
 
 def _load_maps(paths, what):
-    """Stack 3D images (all on one grid) into (n, X, Y, Z); returns (data, affine)."""
+    """Stack 3D images (all on one grid) into float32 (n, X, Y, Z); returns (data, affine)."""
     first = nib.load(paths[0])
     shape, affine = first.shape[:3], first.affine
-    out = np.empty((len(paths),) + shape, dtype=np.float64)
+    out = np.empty((len(paths),) + shape, dtype=np.float32)
     for i, p in enumerate(paths):
         img = nib.load(p)
         if img.shape[:3] != shape or not np.allclose(img.affine, affine, atol=1e-3):
-            raise InputMissingError(f"{p}: {what} maps are not all on one grid "
+            raise ImageError(f"{p}: {what} maps are not all on one grid "
                                     f"({img.shape[:3]} vs {shape}); rerun the participant level")
-        out[i] = np.asarray(img.dataobj, dtype=np.float64).reshape(shape)
+        out[i] = np.asarray(img.dataobj, dtype=np.float32).reshape(shape)
     return out, affine
 
 
@@ -483,9 +483,11 @@ def _contrast_rows(ctx, rows, a, b):
     return sel, is_a.astype(bool), design
 
 
-def _voxel_contrasts(ctx, desc, label, data, mask, affine, rows, what):
-    """Welch t, d and permutation inference (both directions) for every contrast."""
-    vec = data[:, mask]
+def _voxel_contrasts(ctx, desc, label, vec, mask, affine, rows, what):
+    """Welch t, d and permutation inference (both directions) for every contrast.
+
+    ``vec`` holds the masked maps, one row per scan of ``rows``.
+    """
     opts = ctx.options
     for a, b in ctx.contrasts:
         sel, is_a, design = _contrast_rows(ctx, rows, a, b)
@@ -514,8 +516,8 @@ def _voxel_contrasts(ctx, desc, label, data, mask, affine, rows, what):
                     "NGroup2": int((~is_a if k == 0 else is_a).sum()),
                     "Covariates": list(opts.covariates), "NPermutations": res.n_perm,
                     "Exhaustive": res.exhaustive, "Scheme": res.scheme,
-                    "Inference": ("TFCE (H=2, E=0.5, connectivity %d, steps %s)" % (opts.connectivity, opts.tfce_steps))
-                    if opts.tfce else "voxelwise max-t"}
+                    "Inference": (f"TFCE (H=2, E=0.5, connectivity {opts.connectivity}, "
+                                  f"steps {opts.tfce_steps})" if opts.tfce else "voxelwise max-t")}
             maps = {"t": (sign * t_map, t_name), "d": (sign * d, "Cohen's d, pooled SD (seed 000 eq. 3)"),
                     "p": (unc, "uncorrected one-sided permutation p"),
                     "pfwe": (infer, "FWE-corrected one-sided permutation p (max statistic)")}
@@ -564,9 +566,9 @@ def _roi_contrasts(ctx, label, values, names, rows, what):
             {"analysis": label, "what": what, "contrast": f"{a} vs {b}", "rows": table})
 
 
-def _icc_analysis(ctx, label, data, mask, affine, rows, roi_values=None, roi_names=None,
+def _icc_analysis(ctx, label, vec, mask, affine, rows, roi_values=None, roi_names=None,
                   global_values=None):
-    """ICC(2,1) over repeated scans: voxel map, ROI and global values."""
+    """ICC(2,1) over repeated scans: voxel map (``vec``: masked maps), ROI and global values."""
     scans = ctx.scans.loc[rows]
     counts = scans.groupby("participant_id")["scan"].transform("count").to_numpy()
     rep = rows[counts >= 2]
@@ -577,8 +579,8 @@ def _icc_analysis(ctx, label, data, mask, affine, rows, roi_values=None, roi_nam
     pids = first["participant_id"].unique()
     idx = np.array([[np.searchsorted(rows, i) for i in first.index[first["participant_id"] == p]]
                     for p in pids])
-    if data is not None:
-        ratings = data[:, mask][idx]
+    if vec is not None:
+        ratings = np.asarray(vec, dtype=np.float64)[idx]
         icc = stats.icc(ratings, "2,1")
         vol = np.zeros(mask.shape)
         vol[mask] = np.nan_to_num(icc)
@@ -626,9 +628,11 @@ def _vbm(ctx):
                "Units": "mm^3"} for n in names}})
     ctx.report["roi_volumes"] = (names, volumes)
     ctx.report["vbm_rows"] = rows
+    vec = data[:, mask].astype(np.float64)
+    del data, flat
     _roi_contrasts(ctx, _VBM, volumes, names, rows, "gm_volume")
-    _voxel_contrasts(ctx, _VBM, _VBM, data, mask, affine, rows, "modulated GM (VBM)")
-    _icc_analysis(ctx, _VBM, data, mask, affine, rows, volumes, names)
+    _voxel_contrasts(ctx, _VBM, _VBM, vec, mask, affine, rows, "modulated GM (VBM)")
+    _icc_analysis(ctx, _VBM, vec, mask, affine, rows, volumes, names)
 
 
 def _roi_volumes(flat, labels, present, voxel_mm3):
@@ -776,7 +780,8 @@ def _brainage_maps(ctx, per_model):
         LOGGER.info("brain-age maps of %s: %d scans", model, rows.size)
         data, affine = _load_maps([ctx.scans.loc[r, "brainagemap"][model] for r in rows], "brain-age")
         mask = _analysis_mask(ctx, data, rows)
-        vec = data[:, mask]
+        vec = data[:, mask].astype(np.float64)
+        del data
         ctrl = (ctx.groups.loc[rows] == opts.control_label).to_numpy() \
             & ctx.scans.loc[rows, "primary"].to_numpy()
         if opts.bias_correction == "none" or ctrl.sum() < 3:
@@ -784,8 +789,12 @@ def _brainage_maps(ctx, per_model):
         else:
             fit = stats.fit_bias_correction(opts.bias_correction, age=age[ctrl], predicted=vec[ctrl])
             pad = fit.apply(age=age, predicted=vec)
-        pad_vol = np.full(data.shape, np.nan)
-        pad_vol[:, mask] = pad
+        usable = np.all(np.isfinite(pad), axis=1)
+        if not usable.all():
+            # age bins without any control (agebin) cannot be corrected: leave those scans out
+            LOGGER.warning("%s maps: %d scan(s) in age bins without controls left out: %s", model,
+                           (~usable).sum(), ", ".join(ctx.scans.loc[rows[~usable], "scan"]))
+            rows, age, vec, pad = rows[usable], age[usable], vec[usable], pad[usable]
         labels, table = _atlas(ctx, affine, mask.shape)
         present = [k for k in table["index"] if np.any(labels[mask] == k)]
         names = table.set_index("index").loc[present, "name"].tolist()
@@ -808,9 +817,9 @@ def _brainage_maps(ctx, per_model):
                     ctx.rows.append(_row(model, "roi", name, "", "pearson_pad_volume", r.statistic, r.df,
                                          r.pvalue, min(1.0, r.pvalue * len(names)), r.statistic))
         _pooled_voxel_tests(ctx, model, pad, rows)
-        _voxel_contrasts(ctx, model, model, pad_vol, mask, affine, rows, f"voxel brain-PAD ({model})")
+        _voxel_contrasts(ctx, model, model, pad, mask, affine, rows, f"voxel brain-PAD ({model})")
         # reliability of the brain-age predictions themselves (seed 000 Fig. 7)
-        _icc_analysis(ctx, model, data, mask, affine, rows, _roi_means(vec, labels[mask], present), names,
+        _icc_analysis(ctx, model, vec, mask, affine, rows, _roi_means(vec, labels[mask], present), names,
                       np.nanmean(vec, axis=1))
 
 
@@ -843,7 +852,8 @@ def _relevance_maps(ctx):
         data, affine = _load_maps([ctx.scans.loc[r, "relevancemap"][model] for r in rows], "relevance")
         mask = _analysis_mask(ctx, data, rows)
         label = f"{model}relevance"
-        _voxel_contrasts(ctx, label, label, data, mask, affine, rows, f"relevance maps ({model})")
+        _voxel_contrasts(ctx, label, label, data[:, mask].astype(np.float64), mask, affine, rows,
+                         f"relevance maps ({model})")
 
 
 # --------------------------------------------------------------------------- runner

@@ -120,6 +120,14 @@ def test_outputs_written_atomically(dataset, run):
         assert (out / src).is_file()
 
 
+def test_every_test_name_is_documented(dataset, run):
+    _, out = dataset
+    stats = pd.read_csv(out / "group_stats.tsv", sep="\t")
+    documented = json.loads((out / "group_stats.json").read_text())["test"]["Levels"]
+    assert set(stats["test"]) <= set(documented)
+    assert len(set(stats["test"])) >= 15
+
+
 def test_vbm_detects_the_planted_atrophy_only_where_planted(dataset, run):
     _, out = dataset
     dist = _distance()

@@ -23,6 +23,7 @@ _SEED_ENV = "ANTS_RANDOM_SEED"
 # ITK sizes its thread pool once per process, from the environment at the first ANTs call:
 # remember that size so a later, different request is reported instead of silently ignored.
 _itk_threads_in_use: int | None = None
+_warned: set[int] = set()
 
 
 def check_nthreads(omp_nthreads: object) -> int:
@@ -56,7 +57,8 @@ def import_ants(omp_nthreads: int):
     if _itk_threads_in_use is None:
         os.environ[_ITK_ENV] = str(omp_nthreads)
         _itk_threads_in_use = omp_nthreads
-    elif _itk_threads_in_use != omp_nthreads:
+    elif _itk_threads_in_use != omp_nthreads and omp_nthreads not in _warned:
+        _warned.add(omp_nthreads)
         LOGGER.warning("ITK already runs %d threads in this process; omp_nthreads=%d cannot be applied "
                        "(ITK reads %s once per process)", _itk_threads_in_use, omp_nthreads, _ITK_ENV)
     import ants

@@ -25,7 +25,7 @@ from scipy import ndimage as ndi
 
 from ..errors import ImageError
 from ._runtime import check_nthreads
-from .grid import grid_spacing, new_image, voxel_volume_ml
+from .grid import grid_spacing, new_image, resample_to_grid, voxel_volume_ml, working_grid
 
 __all__ = [
     "SKULL_STRIPPED_MAX_ML",
@@ -41,7 +41,7 @@ LOGGER = logging.getLogger("brainage.anat.brainmask")
 SKULL_STRIPPED_MAX_ML = 50.0
 _FAR_MM = 5.0
 _BRIGHT_FRACTION = 0.35  # of the median brain intensity: above background noise, below scalp fat/muscle
-_FOREGROUND_FRACTION = 0.15
+_FOREGROUND_FRACTION = 0.35  # ~ nilearn's template mask threshold (0.2 of the maximum)
 
 
 @contextlib.contextmanager
@@ -101,17 +101,12 @@ def deepbet_mask(img: nib.spatialimages.SpatialImage, *, omp_nthreads: int = 1, 
     return new_image(data, img.affine, np.uint8)
 
 
-def _ball(radius_vox: np.ndarray) -> np.ndarray:
-    r = np.maximum(np.ceil(radius_vox).astype(int), 1)
-    grid = np.indices(2 * r + 1).astype(float) - r[:, None, None, None]
-    return ((grid / np.maximum(radius_vox, 1e-3)[:, None, None, None]) ** 2).sum(0) <= 1.0
-
-
 def extracranial_volume_ml(img: nib.spatialimages.SpatialImage, mask: nib.spatialimages.SpatialImage) -> float:
     """Volume (mL) of bright voxels more than 5 mm outside the brain mask.
 
     "Bright" is above 35 % of the median intensity inside the mask after a 1 mm Gaussian (which
-    keeps background noise, even Rician noise at SNR 20, well below it).
+    keeps background noise, even Rician noise at SNR 20, well below it).  Computed on the 2 mm
+    working grid (a 0.8 mm 300^3 image would otherwise cost seconds for no gain).
 
     Parameters
     ----------
@@ -122,48 +117,57 @@ def extracranial_volume_ml(img: nib.spatialimages.SpatialImage, mask: nib.spatia
     -------
     float
     """
-    data = np.asarray(img.dataobj, dtype=np.float32)
-    inside = np.asarray(mask.dataobj) > 0
-    if data.shape != inside.shape:
-        raise ValueError(f"img {data.shape} and mask {inside.shape} differ in shape")
+    if tuple(img.shape[:3]) != tuple(mask.shape[:3]):
+        raise ValueError(f"img {img.shape} and mask {mask.shape} differ in shape")
+    shape, affine = working_grid(img, 2.0)
+    if tuple(shape) == tuple(img.shape[:3]):
+        data = np.asarray(img.dataobj, dtype=np.float32)
+        inside = np.asarray(mask.dataobj) > 0
+    else:
+        data = np.asarray(resample_to_grid(img, shape, affine).dataobj)
+        inside = np.asarray(resample_to_grid(mask, shape, affine).dataobj) > 0.5
     if not inside.any():
         raise ValueError("mask is empty")
-    spacing = grid_spacing(img.affine)
+    spacing = grid_spacing(affine)
     smooth = ndi.gaussian_filter(data, 1.0 / spacing)
     reference = float(np.median(smooth[inside]))
     if reference <= 0:
         return 0.0
-    near = ndi.binary_dilation(inside, structure=_ball(_FAR_MM / spacing))
-    bright = (smooth > _BRIGHT_FRACTION * reference) & ~near
-    return float(np.count_nonzero(bright)) * voxel_volume_ml(img)
+    far = ndi.distance_transform_edt(~inside, sampling=spacing) > _FAR_MM
+    bright = (smooth > _BRIGHT_FRACTION * reference) & far
+    return float(np.count_nonzero(bright)) * float(abs(np.linalg.det(affine[:3, :3]))) / 1000.0
 
 
-def foreground_mask(img: nib.spatialimages.SpatialImage, mask: nib.spatialimages.SpatialImage | None = None
-                    ) -> nib.Nifti1Image:
-    """Foreground of a skull-stripped image: smoothed intensity above 15 % of the brain median,
-    largest connected component, holes filled.
+def foreground_mask(img: nib.spatialimages.SpatialImage) -> nib.Nifti1Image:
+    """Foreground of a skull-stripped image: the largest connected component above 35 % of the
+    typical brain intensity (after a 1 mm Gaussian), holes filled.
+
+    The typical brain intensity is the median of the voxels brighter than a tenth of the 99th
+    percentile of the positive voxels, which ignores the (zero or noise) background however much
+    of the field of view it fills.
 
     Parameters
     ----------
     img : nibabel image
         A skull-stripped T1w.
-    mask : nibabel image, optional
-        A rough brain mask giving the reference intensity (else: the median of the voxels
-        brighter than the image's median).
 
     Returns
     -------
     nibabel.Nifti1Image
         uint8 mask.
+
+    Raises
+    ------
+    ImageError
+        If the image has no positive voxels.
     """
     data = np.asarray(img.dataobj, dtype=np.float32)
     smooth = ndi.gaussian_filter(data, 1.0 / grid_spacing(img.affine))
-    if mask is not None:
-        reference = float(np.median(smooth[np.asarray(mask.dataobj) > 0]))
-    else:
-        reference = float(np.median(smooth[smooth > np.percentile(smooth, 50)]))
-    fg = smooth > _FOREGROUND_FRACTION * reference
-    labels, n = ndi.label(fg)
+    positive = smooth[smooth > 0]
+    if positive.size == 0:
+        raise ImageError("the image has no foreground")
+    reference = float(np.median(positive[positive > 0.1 * np.percentile(positive, 99)]))
+    labels, n = ndi.label(smooth > _FOREGROUND_FRACTION * reference)
     if n == 0:
         raise ImageError("the image has no foreground")
     sizes = np.bincount(labels.ravel())
@@ -200,7 +204,7 @@ def extract_brain(img: nib.spatialimages.SpatialImage, *, omp_nthreads: int = 1,
     warnings: list[str] = []
     mask = deep
     if stripped:
-        mask = foreground_mask(img, deep)
+        mask = foreground_mask(img)
         warnings.append("input looks skull-stripped (no tissue outside the brain): its own foreground "
                         "is used as the brain mask")
     volume = float(np.count_nonzero(np.asarray(mask.dataobj))) * vox_ml

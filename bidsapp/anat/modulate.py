@@ -36,6 +36,7 @@ __all__ = [
     "composed_displacement",
     "jacobian_from_displacement",
     "jacobian_determinant",
+    "warp_and_modulate",
     "modulate",
     "smooth_fwhm",
 ]
@@ -167,10 +168,10 @@ def smooth_fwhm(img: nib.spatialimages.SpatialImage, fwhm_mm: float) -> nib.Nift
     return new_image(data, img.affine)
 
 
-def modulate(tpm: nib.spatialimages.SpatialImage, anat2std_xfm: str | os.PathLike,
-             reference: nib.spatialimages.SpatialImage, *, jacobian: nib.spatialimages.SpatialImage | None = None,
-             omp_nthreads: int = 1) -> nib.Nifti1Image:
-    """Warp a native probability map to ``reference``'s grid and multiply by the Jacobian determinant.
+def warp_and_modulate(tpm: nib.spatialimages.SpatialImage, anat2std_xfm: str | os.PathLike,
+                      reference: nib.spatialimages.SpatialImage, jacobian: nib.spatialimages.SpatialImage, *,
+                      omp_nthreads: int = 1) -> tuple[nib.Nifti1Image, nib.Nifti1Image]:
+    """Warp a native probability map to ``reference``'s grid; return it plain and Jacobian-modulated.
 
     Parameters
     ----------
@@ -179,7 +180,40 @@ def modulate(tpm: nib.spatialimages.SpatialImage, anat2std_xfm: str | os.PathLik
     anat2std_xfm : path
         T1w-to-template transform.
     reference : nibabel image
-        Template grid (e.g. :func:`bidsapp.templates.get_template` ``(1.5).t1w``).
+        Template grid (e.g. ``bidsapp.templates.get_template(1.5).t1w``).
+    jacobian : nibabel image
+        :func:`jacobian_determinant` of ``anat2std_xfm`` on that grid.
+    omp_nthreads : int, default 1
+        ITK threads.
+
+    Returns
+    -------
+    warped : nibabel.Nifti1Image
+        float32 probability on the template grid (anti-aliased, trilinear).
+    modulated : nibabel.Nifti1Image
+        ``warped * jacobian`` (mL tissue per mL template); its sum times the voxel volume equals
+        the native tissue volume.
+    """
+    if tuple(jacobian.shape) != tuple(reference.shape[:3]):
+        raise ValueError(f"jacobian {jacobian.shape} is not on the reference grid {reference.shape[:3]}")
+    warped = apply_transform(tpm, anat2std_xfm, reference, antialias=True, omp_nthreads=omp_nthreads)
+    data = np.asarray(warped.dataobj, dtype=np.float32) * np.asarray(jacobian.dataobj, dtype=np.float32)
+    return warped, new_image(data, reference.affine)
+
+
+def modulate(tpm: nib.spatialimages.SpatialImage, anat2std_xfm: str | os.PathLike,
+             reference: nib.spatialimages.SpatialImage, *, jacobian: nib.spatialimages.SpatialImage | None = None,
+             omp_nthreads: int = 1) -> nib.Nifti1Image:
+    """Jacobian-modulated map of a native probability map on ``reference``'s grid.
+
+    Parameters
+    ----------
+    tpm : nibabel image
+        Native tissue probability map.
+    anat2std_xfm : path
+        T1w-to-template transform.
+    reference : nibabel image
+        Template grid.
     jacobian : nibabel image, optional
         :func:`jacobian_determinant` on that grid, when already computed.
     omp_nthreads : int, default 1
@@ -188,13 +222,8 @@ def modulate(tpm: nib.spatialimages.SpatialImage, anat2std_xfm: str | os.PathLik
     Returns
     -------
     nibabel.Nifti1Image
-        float32 modulated map (mL tissue per mL template); its sum times the voxel volume equals
-        the native tissue volume.
+        See :func:`warp_and_modulate`.
     """
     if jacobian is None:
         jacobian = jacobian_determinant(anat2std_xfm, reference, omp_nthreads=omp_nthreads)
-    if tuple(jacobian.shape) != tuple(reference.shape[:3]):
-        raise ValueError(f"jacobian {jacobian.shape} is not on the reference grid {reference.shape[:3]}")
-    warped = apply_transform(tpm, anat2std_xfm, reference, antialias=True, omp_nthreads=omp_nthreads)
-    data = np.asarray(warped.dataobj, dtype=np.float32) * np.asarray(jacobian.dataobj, dtype=np.float32)
-    return new_image(data, reference.affine)
+    return warp_and_modulate(tpm, anat2std_xfm, reference, jacobian, omp_nthreads=omp_nthreads)[1]

@@ -74,8 +74,8 @@ def build_qc(*, inspection: Mapping[str, Any], brainmask: Mapping[str, Any], reg
     dict
         Top-level numbers (``mask_volume_ml``, ``gm/wm/csf_volume_ml``,
         ``registration_similarity``), ``registration_similarity_metric``, ``input``, ``flags``,
-        ``warnings``, ``seconds`` (wall, with ``total``), ``cpu_seconds`` and ``modulated_volume_ml``.  The only booleans
-        are inside ``flags``.
+        ``warnings``, ``seconds`` (wall, with ``total``), ``cpu_seconds`` and
+        ``modulated_volume_ml``.  The only booleans are inside ``flags``.
     """
     all_warnings = [*inspection.get("warnings", []), *brainmask.get("warnings", []),
                     *registration.get("warnings", []), *segmentation.get("warnings", []), *warnings]

@@ -253,9 +253,8 @@ class TemplateTissueMaps(SimpleInterface):
     output_spec = _TemplateTissueMapsOutputSpec
 
     def _run_interface(self, runtime):
-        from ..anat.modulate import composed_displacement, jacobian_from_displacement, modulate, smooth_fwhm
+        from ..anat.modulate import composed_displacement, jacobian_from_displacement, smooth_fwhm, warp_and_modulate
         from ..anat.qc import map_volume_ml
-        from ..anat.register import apply_transform
         from ..anat.segment import TISSUES
         from ..templates import get_template
 
@@ -268,19 +267,21 @@ class TemplateTissueMaps(SimpleInterface):
         if fwhm is not None and not fwhm > 0:
             raise ValueError(f"fwhm must be positive, got {fwhm}")
         ref2 = get_template(2.0).t1w
-        self._results["std_tpms"] = [
-            _save(apply_transform(img, xfm, ref2, omp_nthreads=nthreads), runtime.cwd, f"std_label-{t}_probseg")
-            for img, t in zip(tpms, TISSUES)]
         totals: dict[str, float] = {f"native_{t.lower()}": round(map_volume_ml(img), 2)
                                     for img, t in zip(tpms[:2], TISSUES)}
         # composing the transform is the slow part (~5 s): once, on the 2 mm grid
         field = composed_displacement(xfm, ref2, omp_nthreads=nthreads)
+        std_tpms = []
         for res, key in ((2.0, "res2"), (1.5, "res1p5")):
             ref = get_template(res).t1w
             jac = jacobian_from_displacement(field, None if res == 2.0 else ref)
             plain, smooth = [], []
-            for img, tissue in zip(tpms[:2], TISSUES):
-                mod = modulate(img, xfm, ref, jacobian=jac, omp_nthreads=nthreads)
+            for img, tissue in zip(tpms if res == 2.0 else tpms[:2], TISSUES):
+                warped, mod = warp_and_modulate(img, xfm, ref, jac, omp_nthreads=nthreads)
+                if res == 2.0:
+                    std_tpms.append(_save(warped, runtime.cwd, f"std_label-{tissue}_probseg"))
+                if tissue == "CSF":
+                    continue  # no modulated CSF map (the VBM inputs are GM and WM)
                 totals[f"{key}_{tissue.lower()}"] = round(map_volume_ml(mod), 2)
                 plain.append(_save(mod, runtime.cwd, f"std_{key}_label-{tissue}_mod"))
                 if fwhm is not None:
@@ -288,6 +289,7 @@ class TemplateTissueMaps(SimpleInterface):
             self._results[f"std_mod_tpms_{key}"] = plain
             if fwhm is not None:
                 self._results[f"std_mod_tpms_{key}_smooth"] = smooth
+        self._results["std_tpms"] = std_tpms
         warnings = []
         for tissue in ("gm", "wm"):
             native = totals[f"native_{tissue}"]

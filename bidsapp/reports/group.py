@@ -53,7 +53,8 @@ def _figure(width=6.0, height=4.0):
 
 def _img_tag(output_dir, path, alt):
     rel = Path(path).relative_to(output_dir).as_posix()
-    return f'<figure><img src="{_e(rel)}" alt="{_e(alt)}" style="max-width:100%"><figcaption>{_e(alt)}</figcaption></figure>'
+    return (f'<figure><img src="{_e(rel)}" alt="{_e(alt)}" style="max-width:100%">'
+            f"<figcaption>{_e(alt)}</figcaption></figure>")
 
 
 def _save(fig, output_dir, name):
@@ -269,7 +270,8 @@ def write_group_report(output_dir, data):
                         "Welch t, Bonferroni over ROIs, Cohen's d.</p>" + "".join(parts))
     icc = data.get("icc", [])
     if icc:
-        sections.append("<h2>Reliability (repeated scans)</h2>" + "".join(_icc_figure(output_dir, e) for e in icc))
+        sections.append("<h2>Reliability (repeated scans)</h2>"
+                        + "".join(_icc_figure(output_dir, e) for e in icc))
     sections.append(f"<h2>Methods</h2><p>{_e(methods_text(options, summary))}</p>")
     sections.append(f"<h2>All statistics</h2><p>{len(stats_table)} rows; full table in group_stats.tsv.</p>"
                     + _table(stats_table.head(200)))

@@ -324,9 +324,12 @@ def permutation_test(data, design, contrasts, *, mask=None, n_perm=5000, tfce=Fa
     blocks = _blocks(exchangeability_blocks, y.shape[0])
     rng = random_state if isinstance(random_state, np.random.Generator) else np.random.default_rng(random_state)
 
+    plans = [_relabellings(x, c, blocks, n_perm, permutations, rng) for c in cons]
+    if len({(p[0].shape[0], p[1]) for p in plans}) > 1:
+        raise ValueError("the contrasts need different relabelling schemes (sign flipping vs "
+                         "permutation, or different counts); test them in separate calls.")
     outputs = []
-    for c in cons:
-        relab, flip, exhaustive = _relabellings(x, c, blocks, n_perm, permutations, rng)
+    for c, (relab, flip, exhaustive) in zip(cons, plans):
         model = _fit_model(y, x, c)
         outputs.append(_run_contrast(model, relab, flip, graph, tfce_steps, E, H, two_sided,
                                      batch_size, n_jobs, progress) + (exhaustive, flip, model.dof))

@@ -25,11 +25,15 @@ the per-level overhead over permutations.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from ._validation import _as_float_array, _check_float, _check_in, _check_int, _check_mask
 
 __all__ = ["tfce_transform", "tfce_thresholds"]
+
+LOGGER = logging.getLogger("brainage.stats")
 
 _CONNECTIVITY = {6: 1, 18: 2, 26: 3}
 
@@ -60,6 +64,16 @@ class _VoxelGraph:
             vs.append(b[keep])
         self.u = np.concatenate(us)
         self.v = np.concatenate(vs)
+        # neighbour table (n_voxels, max degree), padded with the sentinel n_voxels
+        src = np.concatenate([self.u, self.v])
+        dst = np.concatenate([self.v, self.u])
+        order = np.argsort(src, kind="stable")
+        src, dst = src[order], dst[order]
+        degree = np.bincount(src, minlength=self.n_voxels)
+        width = int(degree.max()) if degree.size else 0
+        slot = np.arange(src.size) - np.repeat(np.cumsum(degree) - degree, degree)
+        self.neighbours = np.full((self.n_voxels, max(width, 1)), self.n_voxels, dtype=np.int64)
+        self.neighbours[src, slot] = dst
 
 
 def tfce_thresholds(max_value, dh=None, n_steps=100):
@@ -150,31 +164,32 @@ def _tfce_batch(values, graph, thresholds, E, H):
     k_max = int(levels.max())
     if k_max == 0:
         return out
-    flat = levels.ravel()
+    if k_max > 10_000:
+        LOGGER.warning("TFCE: %d threshold steps (the step is tiny against this map's maximum); "
+                       "this will be slow", k_max)
+    # one extra column per map: the "no neighbour" sentinel of the neighbour table (level 0)
+    stride = n_vox + 1
+    ext = np.zeros((n_maps, stride), dtype=ltype)
+    ext[:, :n_vox] = levels
+    flat = ext.ravel()
     active = np.flatnonzero(flat)
     order = np.argsort(ltype(k_max) - flat[active], kind="stable")
     vox = active[order]                      # supra-threshold voxels, highest level first
     vlev = flat[vox].astype(np.int64)
     n_act = vox.size
-    pos = np.empty(flat.size, dtype=np.int64)
+    pos = np.full(flat.size, -1, dtype=np.int64)
     pos[vox] = np.arange(n_act)
     v_cnt = np.bincount(vlev, minlength=k_max + 1)
     v_end = np.cumsum(v_cnt[::-1])[::-1]             # number of voxels at level >= k
 
-    w = np.minimum(levels[:, graph.u], levels[:, graph.v]).ravel()
-    sel = np.flatnonzero(w)
-    ew = w[sel]
-    e_order = np.argsort(ltype(k_max) - ew, kind="stable")
-    sel = sel[e_order]
-    e_cnt = np.bincount(ew, minlength=k_max + 1)
-    e_end = np.cumsum(e_cnt[::-1])[::-1]
-    if n_maps == 1:
-        eu, ev = pos[graph.u[sel]], pos[graph.v[sel]]
-    else:
-        eb, ei = np.divmod(sel, graph.u.size)
-        eb *= n_vox
-        eu, ev = pos[eb + graph.u[ei]], pos[eb + graph.v[ei]]
-    del w, sel, ew
+    # level and sorted position of every neighbour of every supra-threshold voxel
+    local = vox % stride
+    nbr = graph.neighbours[local]
+    if n_maps > 1:
+        nbr += (vox - local)[:, None]
+    nb_level = flat[nbr]
+    nb_pos = pos[nbr]
+    del nbr, local
 
     n_lab = 2 * n_act
     size = np.zeros(n_lab)
@@ -184,7 +199,7 @@ def _tfce_batch(values, graph, thresholds, E, H):
     death = np.zeros(n_lab, dtype=np.int64)
     parent = np.full(n_lab, n_lab, dtype=np.int64)   # n_lab: sentinel "no parent"
     owner = np.zeros(n_lab, dtype=np.int64)
-    owner[:n_act] = vox // n_vox
+    owner[:n_act] = vox // stride
     top = np.arange(n_act, dtype=np.int64)           # current cluster of each active voxel
     remap = np.arange(n_lab, dtype=np.int64)
     slot = np.full(n_lab, -1, dtype=np.int64)        # scratch for de-duplication
@@ -193,10 +208,16 @@ def _tfce_batch(values, graph, thresholds, E, H):
 
     for k in range(k_max, 0, -1):
         created[k] = nxt
-        e0, e1 = e_end[k] - e_cnt[k], e_end[k]
-        if e1 == e0:
+        s0, s1 = v_end[k] - v_cnt[k], v_end[k]
+        if s1 == s0:
             continue
-        a, b = top[eu[e0:e1]], top[ev[e0:e1]]
+        # every edge joining clusters at level k touches a voxel that enters at level k:
+        # its neighbours already at level >= k (entering ones are seen from both sides)
+        rows, cols = np.nonzero(nb_level[s0:s1] >= k)
+        if rows.size == 0:
+            continue
+        a = top[s0 + rows]
+        b = top[nb_pos[s0 + rows, cols]]
         keep = a != b
         if not keep.any():
             continue
@@ -219,7 +240,7 @@ def _tfce_batch(values, graph, thresholds, E, H):
         remap[touched] = new
         nxt += n_cc
         created[k, 1] = nxt
-        top[: v_end[k]] = remap[top[: v_end[k]]]
+        top[:s1] = remap[top[:s1]]
 
     # prefix sums of h^H per map: a cluster alive over levels (d, b] adds s^E (S[b] - S[d])
     cums = np.zeros((n_maps, k_max + 1))
@@ -236,7 +257,9 @@ def _tfce_batch(values, graph, thresholds, E, H):
             total[lo:hi] = own[lo:hi] + total[parent[lo:hi]]
         s0, s1 = v_end[k] - v_cnt[k], v_end[k]
         total[s0:s1] = own[s0:s1] + total[parent[s0:s1]]
-    out.ravel()[vox] = total[:n_act]
+    out_ext = np.zeros(flat.size)
+    out_ext[vox] = total[:n_act]
+    out[:] = out_ext.reshape(n_maps, stride)[:, :n_vox]
     return out
 
 

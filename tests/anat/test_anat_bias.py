@@ -28,16 +28,19 @@ def biased():
 
 def test_planted_bias_field_is_recovered(biased):
     img, mask_img, clean, log_field, mask = biased
-    corrected, field = n4_correct(img, mask_img, omp_nthreads=1)
+    # a coarser fit than the default keeps the test fast; the mechanism is the same
+    fast = dict(fit_resolution_mm=8.0, iterations=(50, 50, 50), omp_nthreads=2)
+    corrected, field = n4_correct(img, mask_img, **fast)
     assert corrected.shape == img.shape and field.shape == img.shape
-    est = np.log(field.get_fdata()[mask])
-    assert np.corrcoef(est, log_field[mask])[0, 1] > 0.95
+    # N4 also flattens the template's own smooth intensity variations (deep grey matter...), so
+    # compare with its estimate on the unbiased image: the difference is the planted field
+    _, intrinsic = n4_correct(new_image(clean, img.affine), mask_img, **fast)
+    est = np.log(field.get_fdata()[mask]) - np.log(intrinsic.get_fdata()[mask])
+    assert np.corrcoef(est, log_field[mask])[0, 1] > 0.98
+    assert np.polyfit(log_field[mask], est, 1)[0] == pytest.approx(1.0, abs=0.15)
     # corrected = input / field, on the input's intensity scale (field geometric mean 1 in the brain)
     np.testing.assert_allclose(corrected.get_fdata() * field.get_fdata(), img.get_fdata(), rtol=1e-4, atol=1e-2)
-    assert abs(est.mean()) < 0.01
-    residual_before = np.std(np.log(img.get_fdata()[mask] + 1) - np.log(clean[mask] + 1))
-    residual_after = np.std(np.log(corrected.get_fdata()[mask] + 1) - np.log(clean[mask] + 1))
-    assert residual_after < 0.4 * residual_before
+    assert abs(np.log(field.get_fdata()[mask]).mean()) < 0.01
     # outside the brain the field is extended (finite, positive, of similar size)
     values = field.get_fdata()
     assert np.isfinite(values).all() and values.min() > 0.3 and values.max() < 3.0

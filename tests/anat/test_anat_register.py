@@ -47,10 +47,13 @@ def test_known_scaling_is_recovered_and_repeats_exactly(scaled_subject, tmp_path
     assert np.mean(jac[inside]) == pytest.approx(_SCALE**3, rel=0.03)
     warped = apply_transform(t1, fwd, ref.t1w)
     assert registration_similarity(warped, ref.t1w, ref.mask) > 0.95
-    # the inverse brings the template back onto the subject
-    back = apply_transform(ref.t1w, inv, t1)
+    # the inverse brings the (4 mm, hence blurrier) template back onto the subject; the wrong
+    # direction would leave it 21 % too small and shifted
     sub_inside = mask.get_fdata() > 0
-    assert np.corrcoef(back.get_fdata()[sub_inside], t1.get_fdata()[sub_inside])[0, 1] > 0.95
+    back = apply_transform(ref.t1w, inv, t1).get_fdata()[sub_inside]
+    wrong = apply_transform(ref.t1w, fwd, t1).get_fdata()[sub_inside]
+    assert np.corrcoef(back, t1.get_fdata()[sub_inside])[0, 1] > 0.9
+    assert np.corrcoef(wrong, t1.get_fdata()[sub_inside])[0, 1] < 0.8
     # same seed, same thread count: bit-identical result
     fwd2, _ = register_to_template(t1, mask, tmp_path / "b", resolution_mm=_RES, random_seed=3, omp_nthreads=2)
     np.testing.assert_array_equal(apply_transform(t1, fwd2, ref.t1w).get_fdata(), warped.get_fdata())
