@@ -82,7 +82,7 @@ _INDIVIDUAL_WARP_SMOOTH_MM = 15.0
 _FOV_MM = (200.0, 256.0, 232.0)
 _ORIENTATIONS = (("P", "S", "R"), ("L", "A", "S"), ("L", "P", "S"))
 _SITE = "SYN"
-_FLOW_STEPS = 2
+_FLOW_STEPS = 3
 _GENERATOR_NAME = "brainage-demo"
 # Files and folders this builder writes at the top of the dataset (used by ``overwrite``).
 _OWNED_TOP_LEVEL = (
@@ -332,7 +332,9 @@ def _patient_source(tpl: _Template) -> tuple[np.ndarray, tuple[slice, ...]]:
     hi = np.array([75.0, 30.0, 35.0]) - tpl.affine[:3, 3]
     crop = tuple(slice(int(round(a)), int(round(b)) + 1) for a, b in zip(lo, hi))
     tissue = tpl.tissue[crop]
-    outer = ((1.0 - tissue) * tpl.intracranial[crop]).astype(np.float32)
+    # room to grow: non-tissue, except the ventricles that the ageing field already enlarges
+    outer = (1.0 - tissue) * tpl.intracranial[crop]
+    outer *= 1.0 - ndi.gaussian_filter(tpl.ventricles.astype(np.float32), 1.0)[crop]
     grids = [w[crop] for w in np.broadcast_arrays(*tpl.world())]
     radius = PLANTED_ATROPHY_RADIUS_MM
     source = np.zeros(tissue.shape, dtype=np.float32)

@@ -252,7 +252,7 @@ def write_dataset_description(output_dir: str | os.PathLike, bids_dir: str | os.
     return write_json(Path(output_dir) / "dataset_description.json", desc)
 
 
-_BIDSIGNORE = ("*.html", "logs/", "figures/", "*_xfm.*", "*_qc.json", "*_brainage.tsv",
+_BIDSIGNORE = ("*.html", "logs", "log", "figures", "*_xfm.*", "*_qc.json", "*_brainage.tsv",
                "*_brainage.json", "*_brainagemap.*", "*_relevancemap.*", "*_statmap.*",
                "group_*", "desc-*_biasfit.json")
 

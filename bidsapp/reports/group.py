@@ -180,10 +180,10 @@ def methods_text(options, summary):
         Plain text.
     """
     bias = {
-        "linear-age": "a linear regression of brain-PAD on chronological age fitted on controls and "
-                      "subtracted from every participant (Popescu et al., eqs. 6-7; de Lange & Cole 2020)",
-        "linear-predicted": "a linear regression of brain-PAD on predicted age fitted on controls "
-                            "and subtracted from every participant (Popescu et al., eq. 8)",
+        "linear-age": "a linear regression of brain-PAD on chronological age, subtracted "
+                      "(Popescu et al., eqs. 6-7; de Lange & Cole 2020)",
+        "linear-predicted": "a linear regression of brain-PAD on predicted age, subtracted "
+                            "(Popescu et al., eq. 8)",
         "extremes": "a line predicted = a*age + b fitted on the youngest and oldest 5% of controls, "
                     "corrected prediction y' = y + age - (a*age + b) (Kim et al.)",
         "agebin": "the voxelwise age-bin method (5-year bins, first 18-25 y; the mean control delta of "
@@ -209,7 +209,7 @@ def methods_text(options, summary):
         f"maximum probability, 25% threshold) and voxel level, Bonferroni-corrected (Popescu et al.); with "
         f"Welch's ANOVA and Games-Howell post-hoc tests and the two-sample Z-test (Kim et al.); and with "
         f"two-sample Kolmogorov-Smirnov tests (Ijishakin et al.). Pearson correlations of brain-PAD with "
-        f"covariates ({covs}) were computed over all participants and in overlapping 10-year sliding age "
+        f"the numeric covariates were computed over all participants and in overlapping 10-year sliding age "
         f"windows (step {options['sliding_window_step']:g} years) with Bonferroni correction per window "
         f"(Hofmann et al.). Regional grey-matter volumes (mm^3) were summed from Jacobian-modulated GM maps. "
         f"Voxelwise inference used nonparametric permutation tests equivalent to FSL randomise (GLM with "

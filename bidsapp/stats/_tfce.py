@@ -14,9 +14,9 @@ Step rules:
 
 Instead of labelling connected components once per step (what fslmaths and nilearn
 do), the whole hierarchy of clusters is built in one pass over the voxels sorted by
-step level: at each level, newly supra-threshold voxels and the edges between
-supra-threshold voxels are added and components are merged (a Kruskal-style
-union over the mask's voxel graph). Every cluster that exists over a range of levels
+step level: at each level, the voxels that enter it are joined to their neighbours
+already above it, and the clusters so connected are merged (a Kruskal-style union over
+the mask's voxel graph, vectorised per level). Every cluster that exists over a range of levels
 ``(d, b]`` with constant size ``s`` contributes ``s^E * sum_{d<j<=b} h_j^H`` to each of
 its voxels; summing these along each voxel's chain of enclosing clusters gives TFCE
 exactly. Several maps are processed in one batch (disjoint graphs), which amortises
