@@ -640,8 +640,10 @@ with nilearn: brain-only T1w plus GM and WM probability maps, 1 mm, 197x233x189.
    the MNI centres {centres} mm (bilateral medial temporal lobe / hippocampus), scaled by a
    per-patient severity drawn from U{_SEVERITY_RANGE}; the lost volume goes to the CSF spaces
    (temporal horn, cisterns, sulci) and extracerebral space within about
-   {1.5 * PLANTED_ATROPHY_RADIUS_MM:.0f} mm, which enlarge ex vacuo.  Nothing else differs between groups:
-   a voxel-based analysis should find a GM reduction in PT there and nowhere else.
+   {1.5 * PLANTED_ATROPHY_RADIUS_MM:.0f} mm, which enlarge ex vacuo (first-order growth capped at
+   +{_GROWTH_CAP:.0%} per voxel; the ventricles are left to the ageing field).  Nothing else differs
+   between groups: a voxel-based analysis of modulated GM should find a reduction in PT there and
+   nowhere else.
 3. Individual variability.  A smooth random displacement (RMS {_INDIVIDUAL_WARP_RMS_MM:g} mm per axis,
    Gaussian smoothing {_INDIVIDUAL_WARP_SMOOTH_MM:g} mm).
 4. Head position.  Rotation uniform in +-{_ROTATION_MAX_DEG:g} deg about each axis, translation uniform in
@@ -817,10 +819,12 @@ def build_demo_dataset(
     voxel_size_mm : float, default 2.0
         Isotropic voxel size of the stored images, in [1, 4] mm.
     random_seed : int, default 0
-        Seed (>= 0); the same seed and arguments give byte-identical images and tables.
+        Seed (>= 0); the same seed and arguments give byte-identical files (same machine and
+        library versions; other platforms may differ in the last bit of a few voxels).
     overwrite : bool, default False
-        Replace a previous demo dataset in ``out_dir`` (other entries, e.g. ``derivatives/``,
-        are left alone).
+        Replace a previous (possibly interrupted) demo dataset in ``out_dir``; other entries,
+        e.g. ``derivatives/``, are left alone.  ``participants.tsv`` is written last, so its
+        presence marks a complete dataset.
 
     Returns
     -------
@@ -851,6 +855,10 @@ def build_demo_dataset(
     }
     parameter_rows = []
     try:
+        # The description goes first, so that a build cut short is still recognised as a demo
+        # (and can be replaced with overwrite=True); participants.tsv goes last, so that its
+        # presence means the dataset is complete.
+        _write_json(root / "dataset_description.json", _dataset_description(random_seed))
         for subject in tqdm(subjects, desc="demo participants", unit="participant", disable=None):
             img, truth = _render_subject(subject, bases, images, voxel_size_mm)
             anat = root / f"sub-{subject.label}" / "anat"
@@ -864,22 +872,21 @@ def build_demo_dataset(
                 + ["".join(subject.orientation), f"{subject.bias_amplitude:.3f}", f"{subject.snr:.2f}"]
                 + [f"{truth['brain_tissue_volume_ml']:.1f}"]
             )
-        _write_json(root / "dataset_description.json", _dataset_description(random_seed))
         (root / "README").write_text(
             _readme_text(voxel_size_mm, n_subjects, n_patients, random_seed), encoding="utf-8"
         )
-        _write_tsv(
-            root / "participants.tsv",
-            ["participant_id", "age", "sex", "group", "site"],
-            [[f"sub-{s.label}", f"{s.age:.1f}", s.sex, s.group, _SITE] for s in subjects],
-        )
-        _write_json(root / "participants.json", _PARTICIPANTS_JSON)
         truth_dir = root / "sourcedata" / _GENERATOR_NAME
         truth_dir.mkdir(parents=True, exist_ok=True)
         _write_tsv(
             truth_dir / "simulation_parameters.tsv", ["participant_id", *_PARAMETERS_JSON], parameter_rows
         )
         _write_json(truth_dir / "simulation_parameters.json", _PARAMETERS_JSON)
+        _write_json(root / "participants.json", _PARTICIPANTS_JSON)
+        _write_tsv(
+            root / "participants.tsv",
+            ["participant_id", "age", "sex", "group", "site"],
+            [[f"sub-{s.label}", f"{s.age:.1f}", s.sex, s.group, _SITE] for s in subjects],
+        )
     except OSError as exc:
         raise NotWritableError(f"cannot write the demo dataset to {root}: {exc}") from exc
     return root

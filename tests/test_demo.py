@@ -206,6 +206,13 @@ def test_refuses_non_empty_out_dir_unless_overwrite(tmp_path):
     assert sorted(p.name for p in root.glob("sub-*")) == ["sub-01", "sub-02"]
     assert len(_read_tsv(root / "participants.tsv")) == 2
     assert (root / "derivatives" / "keep.txt").read_text() == "mine"
+    # a build cut short (no participants.tsv yet) is still recognised and can be replaced
+    (root / "participants.tsv").unlink()
+    (root / "README").unlink()
+    with pytest.raises(ValueError, match="overwrite=True"):
+        demo.build_demo_dataset(root, n_subjects=2, random_seed=1)
+    demo.build_demo_dataset(root, n_subjects=2, random_seed=1, overwrite=True)
+    assert len(_read_tsv(root / "participants.tsv")) == 2
     # a directory this builder did not write is never cleared, even with overwrite
     foreign = tmp_path / "foreign"
     foreign.mkdir()
@@ -220,21 +227,22 @@ def test_refuses_non_empty_out_dir_unless_overwrite(tmp_path):
 # ------------------------------------------------------------------------------------------
 def test_planted_atrophy_lowers_tissue_in_pt_images(dataset, cohort):
     """Image-level check: map each written image back to its anatomy with the known head
-    position and count tissue-bright voxels inside the planted balls."""
+    position and count CSF-dark voxels inside the planted balls."""
     bases = demo._deformation_bases()
     planted = _ball_points(demo.PLANTED_ATROPHY_CENTRES_MM, demo.PLANTED_ATROPHY_RADIUS_MM, step=2.0)
-    fraction = {}
+    dark = {}
     for label, subject in cohort.items():
         img = nib.load(dataset / label / "anat" / f"{label}_T1w.nii.gz")
         data = np.asarray(img.dataobj, dtype=np.float32)
         to_voxel = np.linalg.inv(img.affine) @ np.linalg.inv(demo._scanner_to_anatomy(subject, bases))
         values = ndi.map_coordinates(data, (planted @ to_voxel[:3, :3].T + to_voxel[:3, 3]).T, order=1)
         bright = np.percentile(data[data > np.percentile(data, 50)], 90)  # ~ white matter
-        fraction[label] = float((values > 0.5 * bright).mean())
-    pt = [fraction[k] for k, s in cohort.items() if s.group == "PT"]
-    hc = [fraction[k] for k, s in cohort.items() if s.group == "HC"]
-    assert np.mean(pt) < np.mean(hc) - 0.02
-    assert max(pt) < max(hc)
+        dark[label] = float((values < 0.5 * bright).mean())  # CSF-dark share of the balls
+    pt = [dark[k] for k, s in cohort.items() if s.group == "PT"]
+    hc = [dark[k] for k, s in cohort.items() if s.group == "HC"]
+    assert np.mean(pt) > 2.0 * np.mean(hc)
+    assert np.mean(pt) - np.mean(hc) > 0.01
+    assert min(pt) > min(hc)
 
 
 def test_planted_atrophy_size():

@@ -104,6 +104,7 @@ def build_qc(*, inspection: Mapping[str, Any], brainmask: Mapping[str, Any], reg
         "seconds": stage_seconds,
         "cpu_seconds": stage_cpu,
         "brain_extraction": {key: brainmask.get(key) for key in ("deepbet_volume_ml", "extracranial_ml")},
+        "tissue_class_means": segmentation.get("class_means"),
         "modulated_volume_ml": dict(modulation.get("modulated_volume_ml", {})),
     }
     return _clean(record)

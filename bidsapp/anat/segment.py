@@ -21,6 +21,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage as ndi
 
+from ..errors import ImageError
 from ._runtime import ants_seed, check_nthreads, check_seed, from_ants, import_ants, private_tempdir, to_ants
 from .grid import crop, mask_bounding_box, new_image, resample_to_grid, working_grid
 from .register import apply_transform
@@ -72,7 +73,7 @@ def _extend_outward(data: np.ndarray, inside: np.ndarray) -> np.ndarray:
 def segment_tissues(t1w: nib.spatialimages.SpatialImage, mask: nib.spatialimages.SpatialImage,
                     std2anat_xfm: str | os.PathLike, *, resolution_mm: float = 2.0, prior_weight: float = 0.25,
                     mrf: float = 0.1, iterations: int = 5, random_seed: int = 0, omp_nthreads: int = 1
-                    ) -> tuple[list[nib.Nifti1Image], nib.Nifti1Image]:
+                    ) -> tuple[list[nib.Nifti1Image], nib.Nifti1Image, dict]:
     """Segment a bias-corrected T1w into GM, WM and CSF probability maps (native grid).
 
     Parameters
@@ -103,6 +104,13 @@ def segment_tissues(t1w: nib.spatialimages.SpatialImage, mask: nib.spatialimages
         float32 GM, WM, CSF probabilities; they sum to 1 inside ``mask`` and are 0 outside.
     dseg : nibabel.Nifti1Image
         uint8 labels (0 background, 1 GM, 2 WM, 3 CSF).
+    info : dict
+        ``class_means`` (mean intensity per class on the working grid) and ``warnings``.
+
+    Raises
+    ------
+    ImageError
+        When Atropos fails (a tissue class left without voxels: infant contrast).
     """
     from ..templates import get_template
 
@@ -135,14 +143,26 @@ def segment_tissues(t1w: nib.spatialimages.SpatialImage, mask: nib.spatialimages
     # brain voxels beyond the template's priors (e.g. a long brainstem) get flat priors
     stack = np.where(total > 1e-3, stack / np.maximum(total, 1e-3), 1.0 / 3.0) * inside
     with private_tempdir(), ants_seed(random_seed):
-        # r=0 ("--use-random-seed 0"): Atropos seeds its generator with a constant instead of the
-        # clock; without it, repeated runs differ by up to 0.04 in the posteriors
-        result = ants.atropos(a=to_ants(work, ants), x=to_ants(work_mask, ants),
-                              i=[to_ants(new_image(p, work.affine), ants) for p in stack],
-                              m=f"[{mrf},1x1x1]", c=f"[{int(iterations)},0]", priorweight=prior_weight, r=0)
+        try:
+            # r=0 ("--use-random-seed 0"): Atropos seeds its generator with a constant instead of
+            # the clock; without it, repeated runs differ by up to 0.04 in the posteriors
+            result = ants.atropos(a=to_ants(work, ants), x=to_ants(work_mask, ants),
+                                  i=[to_ants(new_image(p, work.affine), ants) for p in stack],
+                                  m=f"[{mrf},1x1x1]", c=f"[{int(iterations)},0]", priorweight=prior_weight, r=0)
+        except Exception as exc:  # noqa: BLE001 - antspyx raises a bare Exception
+            # seen when a tissue class ends up with no voxel, e.g. infants' inverted GM/WM contrast
+            raise ImageError(f"tissue segmentation failed ({exc}); the image does not have adult-like T1w "
+                             "grey/white contrast (infant scans under ~1 year are not supported)") from exc
     posteriors = [from_ants(p).get_fdata(dtype=np.float32) for p in result["probabilityimages"]]
     if len(posteriors) != 3:
         raise RuntimeError(f"Atropos returned {len(posteriors)} probability maps instead of 3")
+    warnings = []
+    intensity = np.asarray(work.dataobj, dtype=np.float64)[inside]
+    means = [float(np.average(intensity, weights=p[inside])) if p[inside].sum() > 0 else float("nan")
+             for p in posteriors]
+    if not means[1] > means[0] > means[2]:
+        warnings.append("tissue intensities are not ordered WM > GM > CSF as in an adult T1w (infant "
+                        "contrast, or a failed segmentation): tissue maps are unreliable")
 
     native_mask = np.asarray(mask.dataobj) > 0
     native = []
@@ -155,4 +175,5 @@ def segment_tissues(t1w: nib.spatialimages.SpatialImage, mask: nib.spatialimages
     native_stack = np.where(total > 1e-6, native_stack / np.maximum(total, 1e-6), 1.0 / 3.0) * native_mask
     tpms = [new_image(p, t1w.affine) for p in native_stack]
     dseg = new_image(tpms_to_dseg(native_stack, native_mask), t1w.affine, np.uint8)
-    return tpms, dseg
+    info = {"class_means": dict(zip(TISSUES, (round(m, 3) for m in means))), "warnings": warnings}
+    return tpms, dseg, info

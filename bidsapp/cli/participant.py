@@ -20,17 +20,16 @@ __all__ = ["run_participant_level"]
 LOGGER = logging.getLogger("brainage")
 
 
-def _preflight(units: list[T1wUnit]) -> tuple[list[T1wUnit], dict[T1wUnit, str]]:
+def _preflight(units: list[T1wUnit]) -> tuple[list[T1wUnit], list[tuple[T1wUnit, str]]]:
     """Check every image before any work, so unusable inputs fail fast with one clear line."""
     from ..anat.checks import check_t1w
 
-    good, bad = [], {}
+    good, bad = [], []
     for unit in units:
         try:
             check_t1w(unit.path)
         except ImageError as exc:
-            bad[unit] = str(exc)
-            LOGGER.error("%s", exc)
+            bad.append((unit, str(exc)))
         else:
             good.append(unit)
     return good, bad
@@ -90,8 +89,12 @@ def run_participant_level(config: RunConfig) -> None:
             LOGGER.warning("%s: %s", unit.relpath, warning)
     models = resolve_models(config.models)
     good, bad = _preflight(units)
+    if len(bad) == 1 and not good:
+        raise ImageError(bad[0][1])
+    for _, message in bad:
+        LOGGER.error("%s", message)
     if not good:
-        raise ImageError(next(iter(bad.values())) if len(bad) == 1 else
+        raise ImageError(
                          f"none of the {len(bad)} selected T1w images is usable (see messages above)")
     LOGGER.log(25, "processing %d T1w image(s) of %d participant(s) with %d process(es); models: %s",
                len(good), len({u.source.subject for u in good}), config.nprocs,
@@ -122,7 +125,7 @@ def run_participant_level(config: RunConfig) -> None:
         progress.close()
     crashes = _crashed_units(crash_root, good)
     errors_by_subject: dict[str, list[str]] = defaultdict(list)
-    for unit, message in bad.items():
+    for unit, message in bad:
         errors_by_subject[unit.source.subject].append(message)
     for unit in good:
         for crash in crashes.get(unit.source.unit_id, []):

@@ -218,13 +218,14 @@ class TissueSegmentation(SimpleInterface):
         from ..anat.segment import TISSUES, segment_tissues
 
         started = _clock()
-        tpms, dseg = segment_tissues(nib.load(self.inputs.in_file), nib.load(self.inputs.in_mask),
+        tpms, dseg, info = segment_tissues(nib.load(self.inputs.in_file), nib.load(self.inputs.in_mask),
                                      self.inputs.std2anat_xfm, random_seed=self.inputs.random_seed,
                                      omp_nthreads=self.inputs.omp_nthreads)
         self._results["out_tpms"] = [_save(img, runtime.cwd, f"label-{t}_probseg") for img, t in zip(tpms, TISSUES)]
         self._results["out_dseg"] = _save(dseg, runtime.cwd, "dseg")
         volumes = {f"{t.lower()}_volume_ml": round(map_volume_ml(img), 2) for img, t in zip(tpms, TISSUES)}
-        self._results["out_report"] = _report(runtime.cwd, "segmentation", started, segmentation=volumes)
+        self._results["out_report"] = _report(runtime.cwd, "segmentation", started,
+                                              segmentation={**volumes, **info})
         return runtime
 
 

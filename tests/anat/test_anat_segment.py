@@ -31,7 +31,7 @@ def identity_xfm(tmp_path_factory):
 
 def test_segmenting_the_template_recovers_its_priors(identity_xfm):
     tpl = get_template(2.0)
-    tpms, dseg = segment_tissues(tpl.t1w, tpl.mask, identity_xfm, random_seed=0, omp_nthreads=2)
+    tpms, dseg, info = segment_tissues(tpl.t1w, tpl.mask, identity_xfm, random_seed=0, omp_nthreads=2)
     mask = tpl.mask.get_fdata() > 0
     stack = np.stack([t.get_fdata() for t in tpms])
     np.testing.assert_allclose(stack.sum(0)[mask], 1.0, atol=1e-4)
@@ -47,6 +47,7 @@ def test_segmenting_the_template_recovers_its_priors(identity_xfm):
     t1 = tpl.t1w.get_fdata()
     means = [np.average(t1[mask], weights=p[mask]) for p in stack]
     assert means[1] > means[0] > means[2]
+    assert info["warnings"] == [] and info["class_means"]["WM"] > info["class_means"]["GM"]
 
 
 def test_segment_arguments_are_validated(identity_xfm):
@@ -61,7 +62,7 @@ def test_segment_arguments_are_validated(identity_xfm):
 
 def test_segmentation_repeats_exactly(identity_xfm):
     tpl = get_template(3.0)  # coarse, to keep the test short
-    first, _ = segment_tissues(tpl.t1w, tpl.mask, identity_xfm, resolution_mm=3.0, omp_nthreads=2)
-    second, _ = segment_tissues(tpl.t1w, tpl.mask, identity_xfm, resolution_mm=3.0, omp_nthreads=2)
+    first, *_ = segment_tissues(tpl.t1w, tpl.mask, identity_xfm, resolution_mm=3.0, omp_nthreads=2)
+    second, *_ = segment_tissues(tpl.t1w, tpl.mask, identity_xfm, resolution_mm=3.0, omp_nthreads=2)
     for a, b in zip(first, second):
         np.testing.assert_array_equal(a.get_fdata(), b.get_fdata())

@@ -100,3 +100,20 @@ def test_output_under_derivatives_is_allowed(tiny_bids, tmp_path):
 def test_mem_units():
     assert parse_mem_gb("8000M") == pytest.approx(8000 / 1024)
     assert parse_mem_gb("1T") == 1024.0
+
+
+@pytest.mark.parametrize("damage", ["truncate", "4d"])
+def test_unusable_image_is_65_and_writes_nothing(tiny_bids, tmp_path, capsys, damage):
+    import nibabel as nib
+    import numpy as np
+
+    t1w = tiny_bids / "sub-01" / "anat" / "sub-01_T1w.nii.gz"
+    if damage == "truncate":
+        t1w.write_bytes(t1w.read_bytes()[:300])
+    else:
+        nib.Nifti1Image(np.ones((10, 10, 10, 3), np.float32), np.eye(4)).to_filename(t1w)
+    out = tmp_path / "out"
+    code, err = _run(capsys, tiny_bids, out, "participant", "--participant-label", "01",
+                     "--skip-bids-validation", "-w", tmp_path / "w")
+    assert code == 65 and "sub-01_T1w.nii.gz" in err and "Traceback" not in err
+    assert not list(out.glob("sub-*"))
