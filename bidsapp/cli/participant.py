@@ -94,8 +94,7 @@ def run_participant_level(config: RunConfig) -> None:
     for _, message in bad:
         LOGGER.error("%s", message)
     if not good:
-        raise ImageError(
-                         f"none of the {len(bad)} selected T1w images is usable (see messages above)")
+        raise ImageError(f"none of the {len(bad)} selected T1w images is usable (see messages above)")
     LOGGER.log(25, "processing %d T1w image(s) of %d participant(s) with %d process(es); models: %s",
                len(good), len({u.source.subject for u in good}), config.nprocs,
                ", ".join(models) or "none (preprocessing only)")
