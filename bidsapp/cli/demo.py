@@ -25,8 +25,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="number of synthetic participants (default 16: 8 HC, 8 PT)")
     parser.add_argument("--nprocs", "--n-cpus", type=int, default=os.cpu_count() or 1,
                         help="parallel processes (default: all CPUs)")
-    parser.add_argument("--n-perm", "--n_perm", type=int, default=1000,
-                        help="permutations at the group level (default 1000)")
+    parser.add_argument("--n-perm", "--n_perm", type=int, default=500,
+                        help="permutations at the group level (default 500)")
     parser.add_argument("--random-seed", "--random_seed", type=int, default=0)
     parser.add_argument("-v", "--verbose", action="count", default=0)
     return parser

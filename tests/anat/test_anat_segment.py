@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 
 from bidsapp.anat._runtime import import_ants
+from bidsapp.anat.grid import new_image
 from bidsapp.anat.qc import map_volume_ml
 from bidsapp.anat.segment import segment_tissues, tpms_to_dseg
+from bidsapp.errors import ImageError
 from bidsapp.templates import get_template
 
 
@@ -66,3 +68,24 @@ def test_segmentation_repeats_exactly(identity_xfm):
     second, *_ = segment_tissues(tpl.t1w, tpl.mask, identity_xfm, resolution_mm=3.0, omp_nthreads=2)
     for a, b in zip(first, second):
         np.testing.assert_array_equal(a.get_fdata(), b.get_fdata())
+
+
+def test_inverted_contrast_is_flagged(identity_xfm):
+    """Infant-like contrast (WM darker than GM): the maps come with a warning."""
+    tpl = get_template(3.0)
+    mask = tpl.mask.get_fdata() > 0
+    inverted = np.where(mask, 1.2 - tpl.t1w.get_fdata(), 0.0)
+    _, _, info = segment_tissues(new_image(inverted, tpl.affine), tpl.mask, identity_xfm, resolution_mm=3.0,
+                                 omp_nthreads=2)
+    assert info["class_means"]["WM"] < info["class_means"]["GM"]
+    assert any("weak or inverted grey/white contrast" in w for w in info["warnings"])
+
+
+def test_contrast_free_image_is_refused_cleanly(identity_xfm):
+    """No tissue contrast at all: Atropos loses a class; the error says what is wrong."""
+    tpl = get_template(3.0)
+    mask = tpl.mask.get_fdata() > 0
+    t1 = tpl.t1w.get_fdata()
+    flat = np.where(mask, 0.5 + 0.02 * (t1 - t1[mask].mean()), 0.0)
+    with pytest.raises(ImageError, match="tissue segmentation failed.*grey/white contrast"):
+        segment_tissues(new_image(flat, tpl.affine), tpl.mask, identity_xfm, resolution_mm=3.0, omp_nthreads=2)
