@@ -22,6 +22,7 @@ import logging
 import numbers
 import os
 import shutil
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,14 +97,16 @@ _OWNED_TOP_LEVEL = (
 DEMO_DESCRIPTION = (
     "Synthetic data, no real participants: every T1w image is the brain-only ICBM 2009a symmetric "
     "MNI152 template bundled with nilearn (nothing downloaded), warped by a known age-related "
-    "atrophy field (GM/WM shrinkage with ventricular and CSF enlargement; about 0.2 %/year brain "
-    "tissue loss at 25 y rising to about 0.4 %/year at 80 y) and, for group PT, an extra bilateral "
-    "medial temporal atrophy (about 20 % GM+WM volume loss within 15 mm of MNI (+-25, -20, -15)), "
-    "then given a small random individual deformation, a random head position (rotation +-10 deg, "
-    "translation +-10 mm, ~2 % scaling), resampled to 2 mm in a non-RAS voxel order, multiplied by a "
-    "smooth bias field (+-15-20 %) and given Rician noise (SNR 20-30). Ages 20-80 y, sex and groups "
-    "(HC/PT) balanced across age. Images contain no skull, so the demo exercises the "
-    "'already skull-stripped' path of preprocessing."
+    "atrophy field (GM/WM shrinkage with ventricular and CSF enlargement: GM+WM loss about "
+    "0.2 %/year at 20-40 y rising to about 0.36 %/year at 60-80 y, 16 % in all; ventricles "
+    "nearly double) and, for group PT, an extra bilateral medial temporal atrophy (about 20 % "
+    "GM+WM volume loss within 15 mm of MNI (+-25, -20, -15)); then given a small random "
+    "individual deformation, "
+    "a random head position (rotation +-10 deg, translation +-10 mm, ~2 % scaling), resampled "
+    "(2 mm by default) in a non-RAS voxel order, multiplied by a smooth bias field (+-15-20 %) and "
+    "given Rician noise (SNR 20-30). Ages 20-80 y; sex and groups (HC/PT) balanced across age. "
+    "Images contain no skull, so the demo exercises the 'already skull-stripped' path of "
+    "preprocessing."
 )
 
 
@@ -141,7 +144,7 @@ def _age_atrophy_fraction(age: float) -> float:
     float
         ``0.0025 (age - 25) + 0.00002 (age - 25)**2``, the divergence scale of the ageing
         field: zero at the template's age of 25 y, 0.198 at 80 y.  The realised GM+WM loss is
-        smaller (about 0.2 %/y at 25 y rising to about 0.4 %/y at 80 y; see the tests).
+        smaller: 0.22 %/y over 20-40 y, 0.29 %/y over 40-60 y, 0.36 %/y over 60-80 y.
     """
     age = _check_real("age", age, *AGE_RANGE_YEARS)
     d = age - _REFERENCE_AGE
@@ -346,11 +349,12 @@ def _patient_source(tpl: _Template) -> tuple[np.ndarray, tuple[slice, ...]]:
         # Calibrate the amplitude so that (to first order) the tissue-weighted volume change
         # inside the ball, sum(tissue * div u) / sum(tissue), equals -PLANTED_ATROPHY_TISSUE_LOSS;
         # growth inside the ball offsets part of the shrinkage, hence the few iterations.
-        amplitude = PLANTED_ATROPHY_TISSUE_LOSS * float(tissue[ball].sum()) / float((tissue * shrink)[ball].sum())
+        in_ball = float(tissue[ball].sum())
+        amplitude = PLANTED_ATROPHY_TISSUE_LOSS * in_ball / float((tissue * shrink)[ball].sum())
         for _ in range(6):
             grow = _spread(amplitude * float(shrink.sum()), room, _GROWTH_CAP)
             change = grow - amplitude * shrink
-            loss = -float((tissue * change)[ball].sum()) / float(tissue[ball].sum())
+            loss = -float((tissue * change)[ball].sum()) / in_ball
             amplitude *= PLANTED_ATROPHY_TISSUE_LOSS / loss
         source += change
     return source, crop
@@ -392,7 +396,9 @@ def _deformation_bases() -> _Bases:
         template=tpl,
         ageing=_Volume(torch.from_numpy(np.ascontiguousarray(ageing))[None], shifted(crop)),
         patient=_Volume(torch.from_numpy(patient)[None], shifted(pcrop)),
-        reach=_Volume(torch.from_numpy(tpl.reach[crop].astype(np.float32))[None, None], shifted(crop)),
+        reach=_Volume(
+            torch.from_numpy(tpl.reach[crop].astype(np.float32))[None, None], shifted(crop)
+        ),
         brain_centre_mm=centre,
         wm_level=wm_level,
     )
@@ -431,10 +437,10 @@ class _Subject:
     def head_matrix(self) -> np.ndarray:
         """3x3 linear part mapping subject anatomy (MNI-like mm) to scanner mm."""
         rx, ry, rz = np.deg2rad(self.rotation_deg)
-        cx, sx, cy, sy, cz, sz = np.cos(rx), np.sin(rx), np.cos(ry), np.sin(ry), np.cos(rz), np.sin(rz)
-        rot_x = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
-        rot_y = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
-        rot_z = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+        c, s = np.cos([rx, ry, rz]), np.sin([rx, ry, rz])
+        rot_x = np.array([[1, 0, 0], [0, c[0], -s[0]], [0, s[0], c[0]]])
+        rot_y = np.array([[c[1], 0, s[1]], [0, 1, 0], [-s[1], 0, c[1]]])
+        rot_z = np.array([[c[2], -s[2], 0], [s[2], c[2], 0], [0, 0, 1]])
         return rot_z @ rot_y @ rot_x @ np.diag(self.scale)
 
 
@@ -486,10 +492,15 @@ def _draw_cohort(n_subjects: int, patient_fraction: float, random_seed: int) -> 
 # --------------------------------------------------------------------------------------------
 # rendering one subject
 # --------------------------------------------------------------------------------------------
-_AXIS_CODES = {"R": (0, 1.0), "L": (0, -1.0), "A": (1, 1.0), "P": (1, -1.0), "S": (2, 1.0), "I": (2, -1.0)}
+# NIfTI axis code -> (world axis, direction)
+_AXIS_CODES = {
+    "R": (0, 1.0), "L": (0, -1.0), "A": (1, 1.0), "P": (1, -1.0), "S": (2, 1.0), "I": (2, -1.0)
+}
 
 
-def _native_grid(voxel_size_mm: float, orientation: tuple[str, str, str]) -> tuple[tuple[int, ...], np.ndarray]:
+def _native_grid(
+    voxel_size_mm: float, orientation: tuple[str, str, str]
+) -> tuple[tuple[int, ...], np.ndarray]:
     """Voxel grid of the scanner field of view, centred on the scanner origin."""
     affine = np.eye(4)
     affine[:3, :3] = 0.0
@@ -510,7 +521,8 @@ def _individual_warp(rng: np.random.Generator, tpl: _Template) -> _Volume:
     hi = np.array([float(w.max()) for w in world]) + 20.0
     shape = tuple(int(np.ceil((b - a) / spacing)) + 1 for a, b in zip(lo, hi))
     noise = rng.standard_normal((3, *shape))
-    field = np.stack([ndi.gaussian_filter(c, _INDIVIDUAL_WARP_SMOOTH_MM / spacing, mode="wrap") for c in noise])
+    sigma = _INDIVIDUAL_WARP_SMOOTH_MM / spacing
+    field = np.stack([ndi.gaussian_filter(c, sigma, mode="wrap") for c in noise])
     field *= _INDIVIDUAL_WARP_RMS_MM / np.sqrt((field**2).mean(axis=(1, 2, 3), keepdims=True))
     affine = np.diag([spacing, spacing, spacing, 1.0])
     affine[:3, 3] = lo
@@ -527,7 +539,9 @@ def _bias_field(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
     return np.einsum("abc,ai,bj,ck->ijk", coeffs, *basis, optimize=True)
 
 
-def _pull_back(subject: _Subject, bases: _Bases, warp: _Volume, anatomy: torch.Tensor) -> torch.Tensor:
+def _pull_back(
+    subject: _Subject, bases: _Bases, warp: _Volume, anatomy: torch.Tensor
+) -> torch.Tensor:
     """Template (MNI) mm coordinates of subject-anatomy positions ``anatomy`` (N, 3).
 
     The atrophy displacement ``v`` is used as a stationary velocity: the subject is the template
@@ -593,7 +607,8 @@ def _render_subject(
     log_bias *= np.log1p(subject.bias_amplitude) / np.abs(log_bias[brain]).max()
     sigma = subject.gain * bases.wm_level / subject.snr
     # Rician noise: magnitude of a complex signal with Gaussian noise in both channels
-    real = clean * np.exp(log_bias, dtype=np.float32) + rng.normal(0.0, sigma, shape).astype(np.float32)
+    real = clean * np.exp(log_bias, dtype=np.float32)
+    real += rng.normal(0.0, sigma, shape).astype(np.float32)
     imag = rng.normal(0.0, sigma, shape).astype(np.float32)
     data = np.clip(np.rint(np.hypot(real, imag)), 0, np.iinfo(np.int16).max).astype(np.int16)
     img = nib.Nifti1Image(data, affine)
@@ -609,68 +624,81 @@ def _render_subject(
 # dataset files
 # --------------------------------------------------------------------------------------------
 def _readme_text(voxel_size_mm: float, n_subjects: int, n_patients: int, random_seed: int) -> str:
-    centres = " and ".join(f"({x:+.0f}, {y:+.0f}, {z:+.0f})" for x, y, z in PLANTED_ATROPHY_CENTRES_MM)
-    return f"""brainage synthetic demo dataset
-===============================
-
-SYNTHETIC DATA - NOT REAL PARTICIPANTS. Built by `brainage` {__version__}
-(`bidsapp.demo.build_demo_dataset`, random_seed={random_seed}) without any download.
-
-{DEMO_DESCRIPTION}
-
-Participants: {n_subjects} ({n_patients} in group PT, synthetic patients; the rest HC, healthy
-controls), one site ({_SITE}).  Ages lie on a jittered grid over {AGE_RANGE_YEARS[0]:.0f}-{AGE_RANGE_YEARS[1]:.0f}
-years; each age stratum holds one patient so that age is not confounded with group; sex
-alternates within each group.
-
-How each T1w image was made
----------------------------
-Source: the ICBM 2009a nonlinear symmetric MNI152 template (space {TEMPLATE_SPACE}) as bundled
-with nilearn: brain-only T1w plus GM and WM probability maps, 1 mm, 197x233x189.
-
-1. Ageing.  An irrotational displacement field u = grad(psi), laplacian(psi) = s, whose divergence
-   s (the first-order local volume change) is negative in GM (1.5x) and WM (1x) and scaled so that
-   it sums to minus the GM+WM volume, +{_VENTRICLE_GAIN:g} in the lateral and third ventricles, and
-   positive in sulcal and extracerebral CSF so that the intracranial volume is unchanged.  It is
-   scaled by f(age) = 0.0025 (age - 25) + 0.00002 (age - 25)^2 and applied as a stationary
-   velocity (template age taken as 25 y).  Realised GM+WM loss: about 0.2 %/year at 25 y rising to
-   about 0.4 %/year at 80 y; ventricles enlarge with age.
-2. Planted atrophy (group PT only).  A second field of the same kind removes, to first order,
-   {PLANTED_ATROPHY_TISSUE_LOSS:.0%} of the GM+WM volume inside a {PLANTED_ATROPHY_RADIUS_MM:g} mm ball around each of
-   the MNI centres {centres} mm (bilateral medial temporal lobe / hippocampus), scaled by a
-   per-patient severity drawn from U{_SEVERITY_RANGE}; the lost volume goes to the CSF spaces
-   (temporal horn, cisterns, sulci) and extracerebral space within about
-   {1.5 * PLANTED_ATROPHY_RADIUS_MM:.0f} mm, which enlarge ex vacuo (first-order growth capped at
-   +{_GROWTH_CAP:.0%} per voxel; the ventricles are left to the ageing field).  Nothing else differs
-   between groups: a voxel-based analysis of modulated GM should find a reduction in PT there and
-   nowhere else.
-3. Individual variability.  A smooth random displacement (RMS {_INDIVIDUAL_WARP_RMS_MM:g} mm per axis,
-   Gaussian smoothing {_INDIVIDUAL_WARP_SMOOTH_MM:g} mm).
-4. Head position.  Rotation uniform in +-{_ROTATION_MAX_DEG:g} deg about each axis, translation uniform in
-   +-{_TRANSLATION_MAX_MM:g} mm, isotropic scaling 1.02 (M) or 0.98 (F) times U(0.98, 1.02), per-axis
-   U(0.99, 1.01).  Scanner coordinates in the headers are NOT MNI coordinates.
-5. Acquisition.  Resampled (trilinear, after a Gaussian anti-aliasing filter) to {voxel_size_mm:g} mm
-   isotropic voxels over a {_FOV_MM[0]:g} x {_FOV_MM[1]:g} x {_FOV_MM[2]:g} mm (L-R, P-A, I-S) field of view,
-   stored in non-RAS voxel orders (PSR, LAS, LPS in turn), multiplied by a smooth bias field
-   (exponential of low-order 3-D cosines, peak deviation U{_BIAS_RANGE} inside the brain), given
-   Rician noise (SNR of white matter U{_SNR_RANGE}) and stored as int16.
-
-The template has no skull, scalp or neck, so these images exercise the "already skull-stripped"
-path of preprocessing.  sourcedata/{_GENERATOR_NAME}/simulation_parameters.tsv lists the per-subject
-simulation parameters and the simulated GM+WM volume (ground truth).
-
-Template licence: Copyright (C) 1993-2009 Louis Collins, McConnell Brain Imaging Centre, Montreal
-Neurological Institute, McGill University.  Permission to use, copy, modify, and distribute this
-software and its documentation for any purpose and without fee is hereby granted, provided that the
-above copyright notice appear in all copies.  Cite: Fonov et al., NeuroImage 54 (2011) 313-327,
-doi:10.1016/j.neuroimage.2010.07.033; Fonov et al., NeuroImage 47 (2009) S102,
-doi:10.1016/S1053-8119(09)70884-5.
-"""
+    centres = " and ".join(
+        f"({x:+.0f}, {y:+.0f}, {z:+.0f})" for x, y, z in PLANTED_ATROPHY_CENTRES_MM
+    )
+    low, high = AGE_RANGE_YEARS
+    fov = " x ".join(f"{v:g}" for v in _FOV_MM)
+    blocks = [
+        f"SYNTHETIC DATA - NOT REAL PARTICIPANTS. Built by brainage {__version__} "
+        f"(bidsapp.demo.build_demo_dataset, random_seed={random_seed}) without any download.",
+        DEMO_DESCRIPTION,
+        f"Participants: {n_subjects} ({n_patients} in group PT, synthetic patients; the rest HC, "
+        f"healthy controls), one site ({_SITE}). Ages lie on a jittered grid over "
+        f"{low:.0f}-{high:.0f} years; each age stratum holds one patient so that age is not "
+        "confounded with group; sex alternates within each group.",
+        "## How each T1w image was made",
+        f"Source: the ICBM 2009a nonlinear symmetric MNI152 template (space {TEMPLATE_SPACE}) as "
+        "bundled with nilearn: brain-only T1w plus GM and WM probability maps, 1 mm, 197x233x189.",
+        "1. Ageing. An irrotational displacement field u = grad(psi), laplacian(psi) = s, whose "
+        "divergence s (the first-order local volume change) is negative in GM (1.5x) and WM (1x) "
+        f"and sums to minus the GM+WM volume, +{_VENTRICLE_GAIN:g} in the lateral and third "
+        "ventricles, and positive in sulcal and extracerebral CSF so that the intracranial "
+        "volume is unchanged. It is scaled by f(age) = 0.0025 (age - 25) + 0.00002 (age - 25)^2 "
+        "and applied as a stationary velocity (template age taken as 25 y). Realised GM+WM loss: "
+        "0.22 %/year over 20-40 y, 0.29 %/year over 40-60 y, 0.36 %/year over 60-80 y "
+        "(1694 -> 1423 mL from 20 to 80 y before head scaling); ventricles grow from 21 to 40 mL.",
+        "2. Planted atrophy (group PT only). A second field of the same kind removes, to first "
+        f"order, {PLANTED_ATROPHY_TISSUE_LOSS:.0%} of the GM+WM volume inside a "
+        f"{PLANTED_ATROPHY_RADIUS_MM:g} mm ball around each of the MNI centres {centres} mm "
+        "(bilateral medial temporal lobe / hippocampus), scaled by a per-patient severity drawn "
+        f"from U{_SEVERITY_RANGE}. The lost volume goes to the CSF spaces (temporal horn, "
+        "cisterns, sulci) and extracerebral space within about "
+        f"{1.5 * PLANTED_ATROPHY_RADIUS_MM:.0f} mm, which enlarge ex vacuo (first-order growth "
+        f"capped at +{_GROWTH_CAP:.0%} per voxel; the ventricles are left to the ageing field). "
+        "Nothing else differs between groups: a voxel-based analysis of modulated GM should find "
+        "a reduction in PT there and nowhere else.",
+        "3. Individual variability. A smooth random displacement (RMS "
+        f"{_INDIVIDUAL_WARP_RMS_MM:g} mm per axis, Gaussian smoothing "
+        f"{_INDIVIDUAL_WARP_SMOOTH_MM:g} mm).",
+        f"4. Head position. Rotation uniform in +-{_ROTATION_MAX_DEG:g} deg about each axis, "
+        f"translation uniform in +-{_TRANSLATION_MAX_MM:g} mm, isotropic scaling 1.02 (M) or "
+        "0.98 (F) times U(0.98, 1.02), per-axis U(0.99, 1.01). Scanner coordinates in the "
+        "headers are NOT MNI coordinates.",
+        "5. Acquisition. Resampled (trilinear, after a Gaussian anti-aliasing filter) to "
+        f"{voxel_size_mm:g} mm isotropic voxels over a {fov} mm (L-R, P-A, I-S) field of view, "
+        "stored in non-RAS voxel orders (PSR, LAS, LPS in turn), multiplied by a smooth bias "
+        "field (exponential of low-order 3-D cosines, peak deviation "
+        f"U{_BIAS_RANGE} inside the brain), given Rician noise (white-matter SNR "
+        f"U{_SNR_RANGE}) and stored as int16.",
+        "The template has no skull, scalp or neck, so these images exercise the 'already "
+        f"skull-stripped' path of preprocessing. sourcedata/{_GENERATOR_NAME}/"
+        "simulation_parameters.tsv lists the per-subject simulation parameters and the simulated "
+        "GM+WM volume (ground truth).",
+        "Template licence: Copyright (C) 1993-2009 Louis Collins, McConnell Brain Imaging Centre, "
+        "Montreal Neurological Institute, McGill University. Permission to use, copy, modify, and "
+        "distribute this software and its documentation for any purpose and without fee is hereby "
+        "granted, provided that the above copyright notice appear in all copies. Cite: Fonov et "
+        "al., NeuroImage 54 (2011) 313-327, doi:10.1016/j.neuroimage.2010.07.033; Fonov et al., "
+        "NeuroImage 47 (2009) S102, doi:10.1016/S1053-8119(09)70884-5.",
+    ]
+    title = "brainage synthetic demo dataset"
+    lines = [title, "=" * len(title), ""]
+    for block in blocks:
+        if block.startswith("## "):
+            lines += [block[3:], "-" * len(block[3:]), ""]
+            continue
+        indent = "   " if block[:2] in {f"{i}." for i in range(1, 10)} else ""
+        text = textwrap.fill(block, width=88, subsequent_indent=indent, break_on_hyphens=False)
+        lines += [text, ""]
+    return "\n".join(lines)
 
 
 def _dataset_description(random_seed: int) -> dict:
     return {
-        "Name": "brainage synthetic demo (simulated from the MNI152 template; not real participants)",
+        "Name": (
+            "brainage synthetic demo (simulated from the MNI152 template; not real participants)"
+        ),
         "BIDSVersion": "1.10.0",
         "DatasetType": "raw",
         "License": "CC0",
@@ -680,7 +708,9 @@ def _dataset_description(random_seed: int) -> dict:
             "1993-2009 Louis Collins, McConnell Brain Imaging Centre, Montreal Neurological "
             "Institute, McGill University."
         ),
-        "HowToAcknowledge": "Cite Fonov et al. 2011 (doi:10.1016/j.neuroimage.2010.07.033) for the template.",
+        "HowToAcknowledge": (
+            "Cite Fonov et al. 2011 (doi:10.1016/j.neuroimage.2010.07.033) for the template."
+        ),
         "ReferencesAndLinks": [
             "https://doi.org/10.1016/j.neuroimage.2010.07.033",
             "https://doi.org/10.1016/S1053-8119(09)70884-5",
@@ -725,9 +755,9 @@ _PARAMETERS_JSON = {
     "rotation_x_deg": {"Description": "head rotation about the L-R axis", "Units": "degree"},
     "rotation_y_deg": {"Description": "head rotation about the P-A axis", "Units": "degree"},
     "rotation_z_deg": {"Description": "head rotation about the I-S axis", "Units": "degree"},
-    "translation_x_mm": {"Description": "scanner L-R position of the brain centroid", "Units": "mm"},
-    "translation_y_mm": {"Description": "scanner P-A position of the brain centroid", "Units": "mm"},
-    "translation_z_mm": {"Description": "scanner I-S position of the brain centroid", "Units": "mm"},
+    "translation_x_mm": {"Description": "scanner L-R position of the brain centre", "Units": "mm"},
+    "translation_y_mm": {"Description": "scanner P-A position of the brain centre", "Units": "mm"},
+    "translation_z_mm": {"Description": "scanner I-S position of the brain centre", "Units": "mm"},
     "scale_x": {"Description": "head scaling along L-R"},
     "scale_y": {"Description": "head scaling along P-A"},
     "scale_z": {"Description": "head scaling along I-S"},
@@ -768,7 +798,9 @@ def _prepare_root(out_dir: str | os.PathLike, overwrite: bool) -> Path:
         raise ValueError(f"out_dir {root} exists and is not a directory")
     if root.is_dir() and any(root.iterdir()):
         if not overwrite:
-            raise ValueError(f"out_dir {root} is not empty; pass overwrite=True to replace a demo dataset")
+            raise ValueError(
+                f"out_dir {root} is not empty; pass overwrite=True to replace a demo dataset"
+            )
         if not _is_previous_demo(root):
             # never delete data this builder did not write
             raise ValueError(
@@ -778,13 +810,16 @@ def _prepare_root(out_dir: str | os.PathLike, overwrite: bool) -> Path:
         LOGGER.info("replacing the previous demo dataset in %s", root)
         try:
             for entry in root.iterdir():
-                if entry.name in _OWNED_TOP_LEVEL or (entry.name.startswith("sub-") and entry.is_dir()):
+                owned = entry.name in _OWNED_TOP_LEVEL
+                if owned or (entry.name.startswith("sub-") and entry.is_dir()):
                     if entry.is_dir():
                         shutil.rmtree(entry)
                     else:
                         entry.unlink()
         except OSError as exc:
-            raise NotWritableError(f"cannot clear the previous demo dataset in {root}: {exc}") from exc
+            raise NotWritableError(
+                f"cannot clear the previous demo dataset in {root}: {exc}"
+            ) from exc
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -866,20 +901,20 @@ def build_demo_dataset(
             stem = anat / f"sub-{subject.label}_T1w"
             nib.save(img, f"{stem}.nii.gz")
             _write_json(Path(f"{stem}.json"), sidecar)
+            geometry = (*subject.rotation_deg, *subject.translation_mm, *subject.scale)
             parameter_rows.append(
-                [f"sub-{subject.label}", f"{_age_atrophy_fraction(subject.age):.4f}", f"{subject.severity:.3f}"]
-                + [f"{v:.3f}" for v in (*subject.rotation_deg, *subject.translation_mm, *subject.scale)]
-                + ["".join(subject.orientation), f"{subject.bias_amplitude:.3f}", f"{subject.snr:.2f}"]
-                + [f"{truth['brain_tissue_volume_ml']:.1f}"]
+                [f"sub-{subject.label}", f"{_age_atrophy_fraction(subject.age):.4f}"]
+                + [f"{subject.severity:.3f}", *(f"{v:.3f}" for v in geometry)]
+                + ["".join(subject.orientation), f"{subject.bias_amplitude:.3f}"]
+                + [f"{subject.snr:.2f}", f"{truth['brain_tissue_volume_ml']:.1f}"]
             )
         (root / "README").write_text(
             _readme_text(voxel_size_mm, n_subjects, n_patients, random_seed), encoding="utf-8"
         )
         truth_dir = root / "sourcedata" / _GENERATOR_NAME
         truth_dir.mkdir(parents=True, exist_ok=True)
-        _write_tsv(
-            truth_dir / "simulation_parameters.tsv", ["participant_id", *_PARAMETERS_JSON], parameter_rows
-        )
+        header = ["participant_id", *_PARAMETERS_JSON]
+        _write_tsv(truth_dir / "simulation_parameters.tsv", header, parameter_rows)
         _write_json(truth_dir / "simulation_parameters.json", _PARAMETERS_JSON)
         _write_json(root / "participants.json", _PARTICIPANTS_JSON)
         _write_tsv(

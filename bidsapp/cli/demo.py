@@ -41,7 +41,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = args.out.expanduser().absolute()
     bids_dir = out / "bids"
     if not (bids_dir / "participants.tsv").is_file():
-        build_demo_dataset(bids_dir, n_subjects=args.n_subjects, random_seed=args.random_seed)
+        # overwrite=True resumes a cut-short build; it only ever clears a previous demo dataset.
+        build_demo_dataset(bids_dir, n_subjects=args.n_subjects, random_seed=args.random_seed,
+                           overwrite=True)
     print(f"brainage-demo: synthetic BIDS dataset in {bids_dir}", file=sys.stderr)
     command = [str(bids_dir), str(out / "derivatives"), "participant", "group",
                "-w", str(out / "work"), "--nprocs", str(args.nprocs),
