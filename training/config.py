@@ -79,6 +79,9 @@ class OptimConfig:
     plateau_factor: float = 0.5
     early_stopping_patience: int = 0
     """Stop after this many epochs without validation improvement (0 = never)."""
+    precise_bn: bool = True
+    """Before each validation, recompute batch-norm statistics on the un-augmented training
+    inputs (the running averages lag far behind in short CPU schedules)."""
 
 
 @dataclass(frozen=True)
@@ -230,7 +233,8 @@ def config_from_dict(values: Mapping[str, Any]) -> TrainConfig:
                                    allow_zero=True),
         plateau_factor=_positive(opt.get("plateau_factor", 0.5), "optim.plateau_factor"),
         early_stopping_patience=_positive(opt.get("early_stopping_patience", 0),
-                                          "optim.early_stopping_patience", int, allow_zero=True))
+                                          "optim.early_stopping_patience", int, allow_zero=True),
+        precise_bn=bool(opt.get("precise_bn", True)))
     if not optim_cfg.plateau_factor < 1:
         raise UsageError(f"optim.plateau_factor must be < 1, got {optim_cfg.plateau_factor}")
 

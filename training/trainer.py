@@ -157,7 +157,7 @@ class Trainer:
         size = min(batch, n) // world * world
         if size < world:
             raise ValueError(f"fold {self.fold}: {n} training scans cannot feed {world} processes")
-        for start in range(0, n - size + 1, size):  # incomplete last batch dropped
+        for start in range(0, n - size + 1, size):  # incomplete last batch dropped (as drop_last)
             mine = order[start:start + size][self.dist.rank::world]
             xs, ys = [], []
             for index in mine:
@@ -202,8 +202,34 @@ class Trainer:
             ages.append(record.age)
         return np.asarray(preds), np.asarray(ages)
 
+    @torch.no_grad()
+    def recalibrate_batchnorm(self) -> None:
+        """Recompute batch-norm running statistics on the un-augmented training inputs.
+
+        Every rank passes over all training scans (first view each), so the statistics are
+        identical across DDP ranks and do not depend on the epoch's random draws.
+        """
+        norms = [m for m in self.network.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        if not norms:
+            return
+        momenta = [m.momentum for m in norms]
+        for m in norms:
+            m.reset_running_stats()
+        self.network.train()
+        batch = self.config.optim.batch_size
+        for start in range(0, len(self.train_records), batch):
+            chunk = self.train_records[start:start + batch]
+            for m in norms:  # weight each batch by its size: the running mean is the sample mean
+                m.momentum = len(chunk) / (start + len(chunk))
+            x = np.stack([self.cache.views(r.key)[0] for r in chunk]).astype(np.float32)
+            self.network(self._layout(torch.from_numpy(x)[:, None]).to(self.device))
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+
     def validate(self) -> dict[str, float]:
         """Validation loss and MAE over all ranks (each rank predicts its share)."""
+        if self.config.optim.precise_bn:
+            self.recalibrate_batchnorm()
         mine = self.val_records[self.dist.rank::self.dist.world_size]
         pred, age = self.validation_step(mine)
         scale = float(getattr(self.network, "target_scale", torch.tensor(1.0)))

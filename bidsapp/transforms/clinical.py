@@ -11,6 +11,11 @@ From a skull-stripped T1w (the participant-level ``desc-preproc_T1w`` times ``de
 3. z-normalisation on the 1st-99th percentile non-background voxels, background back to 0,
    clip at the 99.9th percentile;
 4. crop or zero-pad to ``shape`` voxels around the centre of the brain's bounding box.
+
+Optionally (``thick_view_spacings_mm``, this project's addition), a 3D scan also gets views
+re-acquired as contiguous thick axial slabs (partial-volume averaging over the slab, see
+:class:`~bidsapp.transforms.SimulateThickSlices`), which the paper's thin-slice subsampling
+does not model; training on them makes predictions robust to real thick-slice scans.
 """
 
 from __future__ import annotations
@@ -52,6 +57,9 @@ class ClinicalInputSpec:
         Normalisation percentiles (seed: 1, 99, 99.9).
     max_background_fraction : float
         Training excludes inputs with a larger fraction of background voxels (seed: 0.92).
+    thick_view_spacings_mm : tuple of float
+        Extra views of 3D scans re-acquired as contiguous thick slabs of these spacings
+        (empty = the paper's views only).
     shift_mm : (float, float, float)
         Largest random shift per axis (seed: 10, 10, 2 voxels of 2 mm = 20, 20, 4 mm).
     flip_p : float
@@ -68,6 +76,7 @@ class ClinicalInputSpec:
     upper_percentile: float = 99.0
     clip_percentile: float = 99.9
     max_background_fraction: float = 0.92
+    thick_view_spacings_mm: tuple[float, ...] = ()
     shift_mm: tuple[float, float, float] = (20.0, 20.0, 4.0)
     flip_p: float = 0.5
     gamma_range: tuple[float, float] = (0.7, 1.3)
@@ -86,6 +95,11 @@ class ClinicalInputSpec:
             raise ValueError(f"shift_mm must have three values, got {self.shift_mm!r}")
         object.__setattr__(self, "shift_mm", tuple(float(s) for s in self.shift_mm))
         object.__setattr__(self, "gamma_range", tuple(float(s) for s in self.gamma_range))
+        spacings = tuple(float(s) for s in self.thick_view_spacings_mm)
+        if any(not s >= self.thick_slice_threshold_mm for s in spacings):
+            raise ValueError(f"thick_view_spacings_mm must be >= thick_slice_threshold_mm "
+                             f"({self.thick_slice_threshold_mm}), got {spacings!r}")
+        object.__setattr__(self, "thick_view_spacings_mm", spacings)
         object.__setattr__(self, "scale_range", tuple(float(s) for s in self.scale_range))
         if not 0 < self.max_background_fraction <= 1:
             raise ValueError(f"max_background_fraction must be in (0, 1], "
@@ -173,9 +187,17 @@ def prepare_view(volume: Volume, spec: ClinicalInputSpec, offset: int | None) ->
 
 def prepare_views(volume: Volume, spec: ClinicalInputSpec,
                   offsets: Sequence[int | None] | None = None) -> list[Volume]:
-    """Network inputs for all (or the given) slicing offsets of one scan."""
-    offsets = slicing_offsets(volume, spec) if offsets is None else list(offsets)
-    return [prepare_view(volume, spec, offset) for offset in offsets]
+    """Network inputs of one scan: every slicing offset (or the given ones), plus the thick-slab
+    views of ``spec.thick_view_spacings_mm`` when the scan is 3D and ``offsets`` is not given."""
+    from .spatial import SimulateThickSlices
+
+    automatic = offsets is None
+    offsets = slicing_offsets(volume, spec) if automatic else list(offsets)
+    views = [prepare_view(volume, spec, offset) for offset in offsets]
+    if automatic and offsets != [None]:
+        views += [prepare_view(SimulateThickSlices(s)(volume), spec, None)
+                  for s in spec.thick_view_spacings_mm]
+    return views
 
 
 def background_fraction(view: Volume) -> float:

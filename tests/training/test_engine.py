@@ -168,3 +168,26 @@ def test_tampered_init_weights_are_refused(trained, tiny_config, tmp_path):
     cfg = load_config(tiny_config("bad", max_epochs=1), [f"init_from={copy / 'densenet-clinical.json'}"])
     with pytest.raises(ModelError, match="fold0.pt"):
         run_training(cfg, folds=[0], export=False)
+
+
+class _CheckPreciseBatchNorm(Trainer):
+    """Checks after every validation that the first batch norm holds the training-set mean."""
+
+    checked = 0
+
+    def validate(self):
+        out = super().validate()
+        x = np.stack([self.cache.views(r.key)[0] for r in self.train_records]).astype(np.float32)
+        with torch.no_grad():
+            features = self.network.features.conv0(self._layout(torch.from_numpy(x)[:, None]))
+        torch.testing.assert_close(self.network.features.norm0.running_mean,
+                                   features.mean(dim=(0, 2, 3, 4)), rtol=1e-4, atol=1e-5)
+        type(self).checked += 1
+        return out
+
+
+def test_precise_batchnorm_uses_the_training_set_statistics(tiny_config):
+    # batch 4 does not divide the training part: the batches' unequal sizes must be weighted
+    cfg = load_config(tiny_config("pbn", max_epochs=2, batch_size=4))
+    run_training(cfg, folds=[0], export=False, trainer_cls=_CheckPreciseBatchNorm)
+    assert _CheckPreciseBatchNorm.checked == 2

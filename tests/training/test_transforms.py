@@ -180,6 +180,15 @@ def test_prepare_views_3d_versus_thick_slice(synth_dataset):
     assert slicing_offsets(thick, spec) == [None]
     (view,) = prepare_views(thick, spec)
     assert "ThickSliceSimulation" not in [name for name, _ in view.history]
+    # optional thick-slab views of a 3D scan: the same inputs a real 6 mm scan would give
+    slab_spec = ClinicalInputSpec(spacing_mm=4.0, shape=(14, 16, 10), thick_view_spacings_mm=(6.0,))
+    with_slabs = prepare_views(volume, slab_spec)
+    assert len(with_slabs) == 5
+    np.testing.assert_array_equal(with_slabs[4].data, view.data)
+    np.testing.assert_allclose(with_slabs[4].affine, view.affine)
+    assert len(prepare_views(thick, slab_spec)) == 1
+    with pytest.raises(ValueError, match="thick_view_spacings_mm"):
+        ClinicalInputSpec(thick_view_spacings_mm=(3.0,))
 
 
 def test_load_skull_stripped_refuses_mismatched_grids(tmp_path):
