@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import IO, Any, Iterator, Mapping, Sequence
 
 from . import __version__
+from .config import MODEL_IDS
 
 __all__ = [
     "APP_NAME",
@@ -34,6 +35,7 @@ __all__ = [
     "write_dataset_description",
     "write_bidsignore",
     "write_brainage_table",
+    "write_model_derivatives",
     "brainage_dictionary",
     "bids_uri",
     "write_anat_derivatives",
@@ -417,4 +419,59 @@ def write_anat_derivatives(output_dir: str | os.PathLike, source: SourceEntities
     qc.update(extra_qc or {})
     qc["source"] = relpath
     written.append(write_json(derivative_path(out, source, suffix="qc", extension=".json"), qc))
+    return written
+
+
+def write_model_derivatives(output_dir: str | os.PathLike, source: SourceEntities, relpath: str,
+                            predictions: Sequence[Mapping[str, Any]], *,
+                            age: float | None = None) -> list[Path]:
+    """Write one T1w's brain-age table and the models' maps.
+
+    Parameters
+    ----------
+    output_dir : path
+        Root of the derivatives dataset.
+    source : SourceEntities
+        Entities of the source T1w.
+    relpath : str
+        Path of the source T1w relative to the raw dataset (for ``Sources``).
+    predictions : sequence of mappings
+        One per model, as written by the model interfaces (:mod:`bidsapp.interfaces.models`):
+        ``model``, ``brain_age``, ``brain_age_lower``, ``brain_age_upper``, ``details`` and
+        ``maps`` (each ``file``, ``suffix``, optional ``space``, ``res``, ``meta``).
+    age : float, optional
+        Chronological age (years) for the ``age`` and ``brain_pad`` columns.
+
+    Returns
+    -------
+    list of Path
+        Every file written.
+
+    Notes
+    -----
+    With two or more models an ``ensemble`` row (the mean of the models' brain ages) is added;
+    it has no interval because the models' intervals measure different things.
+    """
+    out = Path(output_dir)
+    sources = [bids_uri(relpath)]
+    written: list[Path] = []
+    rows = []
+    for pred in sorted(predictions, key=lambda p: MODEL_IDS.index(p["model"])):
+        rows.append({"model": pred["model"], "brain_age": pred["brain_age"],
+                     "brain_age_lower": pred.get("brain_age_lower"),
+                     "brain_age_upper": pred.get("brain_age_upper"), "age": age})
+        for item in pred.get("maps", []):
+            dst = derivative_path(out, source, space=item.get("space"), res=item.get("res"),
+                                  desc=pred["model"].replace("-", ""), suffix=item["suffix"])
+            written.append(atomic_copy(item["file"], dst))
+            meta = {**item.get("meta", {}), "Model": pred["model"], "Sources": sources}
+            if item.get("space"):
+                meta.setdefault("Resolution", _RESOLUTIONS.get(item.get("res"), ""))
+            written.append(write_json(dst.with_name(dst.name.split(".")[0] + ".json"), meta))
+    if len(rows) >= 2:
+        rows.append({"model": "ensemble", "age": age,
+                     "brain_age": float(sum(r["brain_age"] for r in rows) / len(rows))})
+    if rows:
+        written.append(write_brainage_table(
+            derivative_path(out, source, suffix="brainage", extension=".tsv"), rows))
     return written

@@ -61,3 +61,34 @@ def test_description_validates(tiny_bids, tmp_path):
                           capture_output=True, text=True, check=False)
     issues = json.loads(proc.stdout)["issues"]["issues"]
     assert [i for i in issues if i["severity"] == "error"] == []
+
+
+def test_model_derivatives_rows_ensemble_and_maps(tmp_path):
+    import nibabel as nib
+    import numpy as np
+
+    from bidsapp.derivatives import SourceEntities, write_model_derivatives
+
+    img = tmp_path / "map.nii.gz"
+    nib.Nifti1Image(np.ones((3, 3, 3), np.float32), np.eye(4)).to_filename(img)
+    source = SourceEntities.from_path("sub-01_ses-A_run-2_T1w.nii.gz")
+    preds = [{"model": "densenet-clinical", "brain_age": 50.0, "brain_age_lower": 45.0,
+              "brain_age_upper": 55.0,
+              "maps": [{"file": str(img), "suffix": "relevancemap", "space": "MNI152NLin2009aSym",
+                        "res": "2", "meta": {"Units": "a.u."}}]},
+             {"model": "mlens", "brain_age": 40.0, "brain_age_lower": None, "brain_age_upper": None}]
+    written = write_model_derivatives(tmp_path / "out", source, "sub-01/ses-A/anat/x_T1w.nii.gz",
+                                      preds, age=42.0)
+    anat = tmp_path / "out" / "sub-01" / "ses-A" / "anat"
+    lines = (anat / "sub-01_ses-A_run-2_brainage.tsv").read_text().splitlines()
+    # seed order (mlens is seed 002, densenet-clinical seed 004), then the ensemble mean
+    assert [line.split("\t") for line in lines[1:]] == [
+        ["mlens", "40.0000", "n/a", "n/a", "42.0000", "-2.0000"],
+        ["densenet-clinical", "50.0000", "45.0000", "55.0000", "42.0000", "8.0000"],
+        ["ensemble", "45.0000", "n/a", "n/a", "42.0000", "3.0000"]]
+    mapped = anat / ("sub-01_ses-A_run-2_space-MNI152NLin2009aSym_res-2_desc-densenetclinical"
+                     "_relevancemap.nii.gz")
+    assert mapped in written and mapped.is_file()
+    meta = json.loads(mapped.with_name(mapped.name.replace(".nii.gz", ".json")).read_text())
+    assert meta["Units"] == "a.u." and meta["Model"] == "densenet-clinical"
+    assert meta["Resolution"].startswith("2 mm")

@@ -104,7 +104,7 @@ def run_participant_level(config: RunConfig) -> None:
     crash_root = config.work_dir / "crash" / config.run_uuid
     workflow = init_brainage_wf(units=good, output_dir=config.output_dir, work_dir=config.work_dir,
                                 omp_nthreads=config.omp_nthreads, random_seed=config.random_seed,
-                                vbm_fwhm=config.vbm_fwhm)
+                                vbm_fwhm=config.vbm_fwhm, models=models, device=config.device)
     workflow.config["execution"].update({
         "crashdump_dir": str(crash_root), "crashfile_format": "txt", "stop_on_first_crash": False,
         "remove_unnecessary_outputs": False, "parameterize_dirs": False})

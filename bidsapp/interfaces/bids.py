@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from nipype.interfaces.base import (BaseInterfaceInputSpec, File, InputMultiObject, SimpleInterface,
                                     Str, TraitedSpec, traits)
 
 from nipype.interfaces.base import isdefined
 
-from ..derivatives import SourceEntities, write_anat_derivatives
+from ..derivatives import SourceEntities, write_anat_derivatives, write_model_derivatives
 
-__all__ = ["AnatDerivativesSink", "RESULT_FIELDS"]
+__all__ = ["AnatDerivativesSink", "BrainAgeSink", "RESULT_FIELDS"]
 
 #: Fields of the preprocessing workflow's outputnode that the sink writes.
 RESULT_FIELDS = ("t1w_preproc", "t1w_mask", "t1w_dseg", "t1w_tpms", "anat2std_xfm", "std2anat_xfm",
@@ -64,5 +65,30 @@ class AnatDerivativesSink(SimpleInterface):
             inputs.base_directory, SourceEntities.from_path(inputs.source_file), inputs.relpath,
             outputs, extra_qc={"scan_info": json.loads(inputs.scan_info)},
             vbm_fwhm=inputs.vbm_fwhm)
+        self._results["out_files"] = [str(p) for p in written]
+        return runtime
+
+
+class _BrainAgeSinkInputSpec(BaseInterfaceInputSpec):
+    base_directory = Str(mandatory=True, desc="root of the derivatives dataset")
+    source_file = File(exists=True, mandatory=True, desc="the raw T1w these results come from")
+    relpath = Str(mandatory=True, desc="source path relative to the raw dataset")
+    scan_info = Str("{}", usedefault=True, desc="JSON of the age/sex/site lookup")
+    predictions = InputMultiObject(File(exists=True), mandatory=True,
+                                   desc="prediction JSON of each model interface")
+
+
+class BrainAgeSink(SimpleInterface):
+    """Write one T1w's ``_brainage.tsv`` and the models' maps once every model has run."""
+
+    input_spec = _BrainAgeSinkInputSpec
+    output_spec = _AnatDerivativesSinkOutputSpec
+
+    def _run_interface(self, runtime):
+        inputs = self.inputs
+        predictions = [json.loads(Path(p).read_text(encoding="utf-8")) for p in inputs.predictions]
+        written = write_model_derivatives(
+            inputs.base_directory, SourceEntities.from_path(inputs.source_file), inputs.relpath,
+            predictions, age=json.loads(inputs.scan_info).get("age"))
         self._results["out_files"] = [str(p) for p in written]
         return runtime

@@ -6,6 +6,7 @@ in the node's working directory; the derivatives sink names and writes them.
 
 from __future__ import annotations
 
+import json
 import os
 
 from nipype.interfaces.base import (BaseInterfaceInputSpec, File, SimpleInterface, Str,
@@ -19,6 +20,7 @@ class _DenseNetClinicalPredictInputSpec(BaseInterfaceInputSpec):
     t1w_mask = File(exists=True, mandatory=True, desc="native brain mask (desc-brain_mask)")
     models_dir = Str(desc="folder with densenet-clinical.json (default: the installed models)")
     device = Str("cpu", usedefault=True, desc="torch device")
+    num_threads = traits.Int(1, usedefault=True, desc="torch CPU threads")
     relevance = traits.Bool(True, usedefault=True, desc="compute the guided-backpropagation map")
     anat2std_xfm = File(exists=True, desc="T1w-to-MNI152NLin2009aSym transform (.h5) to warp the map")
     std_reference = File(exists=True, desc="image on the template grid the warped map is written on")
@@ -33,6 +35,7 @@ class _DenseNetClinicalPredictOutputSpec(TraitedSpec):
     thick_slice = traits.Bool(desc="input treated as a real thick-slice scan")
     relevance_map = File(desc="guided-backpropagation magnitude in the T1w grid")
     relevance_map_std = File(desc="the same map warped to MNI152NLin2009aSym")
+    prediction = File(exists=True, desc="JSON for the derivatives sink: row, details and maps")
 
 
 class DenseNetClinicalPredict(SimpleInterface):
@@ -49,10 +52,14 @@ class DenseNetClinicalPredict(SimpleInterface):
     output_spec = _DenseNetClinicalPredictOutputSpec
 
     def _run_interface(self, runtime):
+        import torch
+
         from ..explain import warp_to_template
-        from ..inference.densenet_clinical import DenseNetClinicalPredictor
+        from ..inference.densenet_clinical import MODEL_ID, DenseNetClinicalPredictor
+        from ..templates import TEMPLATE_SPACE
 
         inputs = self.inputs
+        torch.set_num_threads(max(1, inputs.num_threads))
         predictor = DenseNetClinicalPredictor.from_models_dir(
             inputs.models_dir if isdefined(inputs.models_dir) and inputs.models_dir else None,
             device=inputs.device)
@@ -62,14 +69,30 @@ class DenseNetClinicalPredict(SimpleInterface):
                              brain_age_upper=result.upper,
                              fold_predictions=list(result.fold_predictions),
                              n_views=result.n_views, thick_slice=result.thick_slice)
-        if not inputs.relevance:
-            return runtime
-        relevance = predictor.relevance_image(volume, views, like=inputs.t1w_preproc)
-        native = os.path.join(runtime.cwd, "relevance_map.nii.gz")
-        relevance.to_filename(native)
-        self._results["relevance_map"] = native
-        if isdefined(inputs.anat2std_xfm) and isdefined(inputs.std_reference):
-            self._results["relevance_map_std"] = str(warp_to_template(
-                native, inputs.anat2std_xfm, inputs.std_reference,
-                os.path.join(runtime.cwd, "relevance_map_std.nii.gz")))
+        maps = []
+        if inputs.relevance:
+            relevance = predictor.relevance_image(volume, views, like=inputs.t1w_preproc)
+            native = os.path.join(runtime.cwd, "relevance_map.nii.gz")
+            relevance.to_filename(native)
+            self._results["relevance_map"] = native
+            meta = {"Description": "Guided-backpropagation magnitude (MONAI GuidedBackpropGrad), "
+                                   "mean over fold models and input views",
+                    "Units": "year per unit of normalised intensity"}
+            maps.append({"file": native, "suffix": "relevancemap", "meta": meta})
+            if isdefined(inputs.anat2std_xfm) and isdefined(inputs.std_reference):
+                std = str(warp_to_template(native, inputs.anat2std_xfm, inputs.std_reference,
+                                           os.path.join(runtime.cwd, "relevance_map_std.nii.gz")))
+                self._results["relevance_map_std"] = std
+                maps.append({"file": std, "suffix": "relevancemap", "space": TEMPLATE_SPACE,
+                             "res": "2", "meta": meta})
+        record = {"model": MODEL_ID, "brain_age": result.brain_age,
+                  "brain_age_lower": result.lower, "brain_age_upper": result.upper,
+                  "details": {"fold_predictions": list(result.fold_predictions),
+                              "n_views": result.n_views, "thick_slice": result.thick_slice,
+                              "variant": predictor.card.get("variant")},
+                  "maps": maps}
+        path = os.path.join(runtime.cwd, "prediction.json")
+        with open(path, "w", encoding="utf-8") as handle:
+            json.dump(record, handle, indent=2)
+        self._results["prediction"] = path
         return runtime

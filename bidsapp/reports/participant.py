@@ -106,7 +106,8 @@ def _explanation_maps(output_dir: Path, source: SourceEntities) -> list[Path]:
     anat = source.subject_dir(output_dir) / "anat"
     found = []
     for suffix in _MAP_SUFFIXES:
-        for path in sorted(anat.glob(f"{source.prefix}_*_{suffix}.nii*")):
+        # template-space maps only: the figure draws them over the MNI-space T1w
+        for path in sorted(anat.glob(f"{source.prefix}_*space-*_{suffix}.nii*")):
             # A glob on 'sub-01_*' also matches 'sub-01_run-2_*': keep this unit's files only.
             if SourceEntities.from_path(path).prefix == source.prefix:
                 found.append(path)

@@ -10,7 +10,7 @@ from nipype.pipeline import engine as pe
 
 from .. import __version__
 from ..bids.layout import T1wUnit
-from ..interfaces.bids import RESULT_FIELDS, AnatDerivativesSink
+from ..interfaces.bids import RESULT_FIELDS, AnatDerivativesSink, BrainAgeSink
 
 __all__ = ["init_brainage_wf", "init_single_t1w_wf", "workflow_name"]
 
@@ -22,8 +22,9 @@ def workflow_name() -> str:
 
 
 def init_single_t1w_wf(*, unit: T1wUnit, output_dir: Path, omp_nthreads: int = 1,
-                       random_seed: int = 0, vbm_fwhm: float | None = None) -> pe.Workflow:
-    """Preprocess one T1w and write its derivatives.
+                       random_seed: int = 0, vbm_fwhm: float | None = None,
+                       models: Sequence[str] = (), device: str = "cpu") -> pe.Workflow:
+    """Preprocess one T1w, run the brain-age models on it and write its derivatives.
 
     Parameters
     ----------
@@ -37,6 +38,10 @@ def init_single_t1w_wf(*, unit: T1wUnit, output_dir: Path, omp_nthreads: int = 1
         Seed for ANTs and deepbet.
     vbm_fwhm : float, optional
         Also write smoothed modulated tissue maps with this FWHM (mm).
+    models : sequence of str
+        Model ids to run (empty: preprocessing only).
+    device : str
+        Torch device of the models.
 
     Returns
     -------
@@ -56,12 +61,26 @@ def init_single_t1w_wf(*, unit: T1wUnit, output_dir: Path, omp_nthreads: int = 1
     fields = [f for f in RESULT_FIELDS if vbm_fwhm or not f.endswith("_smooth")]
     workflow.connect([(anat_wf, sink, [(f"outputnode.{f}", f) for f in fields])])
     workflow.__desc__ = getattr(anat_wf, "__desc__", "")
+    if [m for m in models if m != "ensemble"]:
+        from .models import MODEL_INPUT_FIELDS, init_models_wf
+
+        models_wf = init_models_wf(models=models, device=device, omp_nthreads=omp_nthreads)
+        # a separate sink: a failing model must not withhold the preprocessing derivatives
+        ds_brainage = pe.Node(BrainAgeSink(base_directory=str(output_dir), source_file=str(unit.path),
+                                           relpath=unit.relpath,
+                                           scan_info=json.dumps(unit.info.as_dict())),
+                              name="ds_brainage", run_without_submitting=True, overwrite=True)
+        workflow.connect([
+            (anat_wf, models_wf, [(f"outputnode.{f}", f"inputnode.{f}") for f in MODEL_INPUT_FIELDS]),
+            (models_wf, ds_brainage, [("outputnode.predictions", "predictions")]),
+        ])
     return workflow
 
 
 def init_brainage_wf(*, units: Sequence[T1wUnit], output_dir: Path, work_dir: Path,
                      omp_nthreads: int = 1, random_seed: int = 0,
-                     vbm_fwhm: float | None = None) -> pe.Workflow:
+                     vbm_fwhm: float | None = None, models: Sequence[str] = (),
+                     device: str = "cpu") -> pe.Workflow:
     """The participant-level workflow over all selected T1w images.
 
     Parameters
@@ -70,12 +89,13 @@ def init_brainage_wf(*, units: Sequence[T1wUnit], output_dir: Path, work_dir: Pa
         T1w images to process.
     output_dir, work_dir : Path
         Derivatives root and nipype cache root.
-    omp_nthreads, random_seed, vbm_fwhm
+    omp_nthreads, random_seed, vbm_fwhm, models, device
         See :func:`init_single_t1w_wf`.
     """
     workflow = pe.Workflow(name=workflow_name(), base_dir=str(work_dir))
     for unit in units:
         workflow.add_nodes([init_single_t1w_wf(unit=unit, output_dir=output_dir,
                                                omp_nthreads=omp_nthreads, random_seed=random_seed,
-                                               vbm_fwhm=vbm_fwhm)])
+                                               vbm_fwhm=vbm_fwhm, models=models,
+                                               device=device)])
     return workflow

@@ -215,6 +215,51 @@ def test_nipype_interface_returns_numbers_and_maps(models, scans, tmp_path):
     assert outputs.n_views == 4
     assert Path(outputs.relevance_map).parent == tmp_path
     assert nib.load(outputs.relevance_map).shape == nib.load(t1w).shape
+    record = json.loads(Path(outputs.prediction).read_text())
+    assert record["model"] == "densenet-clinical"
+    assert record["brain_age"] == pytest.approx(expected.brain_age)
+    assert record["details"]["fold_predictions"] == pytest.approx(list(expected.fold_predictions))
+    assert [m["file"] for m in record["maps"]] == [outputs.relevance_map]  # no transform given
+
+
+def test_models_workflow_writes_the_brainage_table(models, scans, tmp_path):
+    """Model node -> merge -> sink, as inside the participant workflow (no preprocessing)."""
+    from nipype.pipeline import engine as pe
+
+    from bidsapp.interfaces.bids import BrainAgeSink
+    from bidsapp.workflows.models import init_models_wf
+
+    t1w, mask = scans
+    out = tmp_path / "out"
+    raw = tmp_path / "raw" / "sub-s001" / "anat" / "sub-s001_T1w.nii.gz"
+    raw.parent.mkdir(parents=True)
+    raw.write_bytes(Path(t1w).read_bytes())
+    wf = pe.Workflow(name="wf", base_dir=str(tmp_path / "work"))
+    models_wf = init_models_wf(models=["densenet-clinical", "ensemble"])
+    models_wf.get_node("densenet_clinical").inputs.models_dir = str(models)
+    models_wf.inputs.inputnode.t1w_preproc = str(t1w)
+    models_wf.inputs.inputnode.t1w_mask = str(mask)
+    sink = pe.Node(BrainAgeSink(base_directory=str(out), source_file=str(raw),
+                                relpath="sub-s001/anat/sub-s001_T1w.nii.gz",
+                                scan_info=json.dumps({"age": 30.0})), name="ds_brainage")
+    wf.connect(models_wf, "outputnode.predictions", sink, "predictions")
+    wf.run()
+    anat = out / "sub-s001" / "anat"
+    table = (anat / "sub-s001_brainage.tsv").read_text().splitlines()
+    assert table[0].split("\t") == ["model", "brain_age", "brain_age_lower", "brain_age_upper",
+                                     "age", "brain_pad"]
+    assert len(table) == 2  # one model: no ensemble row
+    row = dict(zip(table[0].split("\t"), table[1].split("\t")))
+    expected = predict_densenet_clinical(t1w, mask, models_dir=models)
+    assert row["model"] == "densenet-clinical"
+    assert float(row["brain_age"]) == pytest.approx(expected.brain_age, abs=1e-4)
+    assert float(row["brain_age_lower"]) == pytest.approx(expected.lower, abs=1e-4)
+    assert float(row["brain_pad"]) == pytest.approx(expected.brain_age - 30.0, abs=1e-4)
+    relevance = anat / "sub-s001_desc-densenetclinical_relevancemap.nii.gz"
+    assert nib.load(relevance).shape == nib.load(t1w).shape
+    sidecar = json.loads((anat / "sub-s001_desc-densenetclinical_relevancemap.json").read_text())
+    assert sidecar["Model"] == "densenet-clinical"
+    assert sidecar["Sources"] == ["bids:raw:sub-s001/anat/sub-s001_T1w.nii.gz"]
 
 
 def test_shipped_card_is_consistent():

@@ -1,0 +1,65 @@
+"""Brain-age models on one T1w's preprocessing results: one node per model, merged for the sink."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from nipype.interfaces import utility as niu
+from nipype.pipeline import engine as pe
+
+__all__ = ["MODEL_INPUT_FIELDS", "init_models_wf"]
+
+#: Preprocessing outputs the models read (a subset of the anatomical ``outputnode``).
+MODEL_INPUT_FIELDS = ("t1w_preproc", "t1w_mask", "anat2std_xfm", "std_mask")
+
+
+def _densenet_clinical_node(device: str, omp_nthreads: int) -> tuple[pe.Node, dict[str, str]]:
+    from ..interfaces.models import DenseNetClinicalPredict
+
+    node = pe.Node(DenseNetClinicalPredict(device=device, num_threads=omp_nthreads),
+                   name="densenet_clinical", n_procs=omp_nthreads, mem_gb=2.0)
+    return node, {"t1w_preproc": "t1w_preproc", "t1w_mask": "t1w_mask",
+                  "anat2std_xfm": "anat2std_xfm", "std_mask": "std_reference"}
+
+
+#: Node factory of each model id: returns the node and how inputnode fields map onto it.
+_FACTORIES = {"densenet-clinical": _densenet_clinical_node}
+
+
+def init_models_wf(*, models: Sequence[str], device: str = "cpu", omp_nthreads: int = 1,
+                   name: str = "models_wf") -> pe.Workflow:
+    """Run the selected brain-age models on one T1w.
+
+    Parameters
+    ----------
+    models : sequence of str
+        Model ids (``ensemble`` is computed by the sink, not here).
+    device : str
+        Torch device.
+    omp_nthreads : int
+        Threads per model node.
+
+    Returns
+    -------
+    Workflow
+        ``inputnode`` takes :data:`MODEL_INPUT_FIELDS`; ``outputnode.predictions`` is the list
+        of the models' prediction JSON files.
+    """
+    selected = [m for m in models if m != "ensemble"]
+    unknown = [m for m in selected if m not in _FACTORIES]
+    if unknown:
+        raise ValueError(f"no workflow node for model(s) {unknown}; known: {sorted(_FACTORIES)}")
+    if not selected:
+        raise ValueError("init_models_wf needs at least one model")
+    workflow = pe.Workflow(name=name)
+    inputnode = pe.Node(niu.IdentityInterface(fields=list(MODEL_INPUT_FIELDS)), name="inputnode")
+    merge = pe.Node(niu.Merge(len(selected)), name="merge_predictions", run_without_submitting=True)
+    outputnode = pe.Node(niu.IdentityInterface(fields=["predictions"]), name="outputnode")
+    for index, model in enumerate(selected, start=1):
+        node, fields = _FACTORIES[model](device, omp_nthreads)
+        # the prediction JSON names the node's map files: nipype must not prune them
+        node.config = {"execution": {"remove_unnecessary_outputs": False}}
+        workflow.connect([(inputnode, node, list(fields.items())),
+                          (node, merge, [("prediction", f"in{index}")])])
+    workflow.connect(merge, "out", outputnode, "predictions")
+    return workflow
