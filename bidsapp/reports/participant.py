@@ -30,7 +30,7 @@ import nibabel as nib
 import numpy as np
 
 from .. import __version__
-from ..derivatives import TEMPLATE_SPACE, SourceEntities, atomic_write, derivative_path
+from ..derivatives import TEMPLATE_SPACE, SourceEntities, atomic_copy, atomic_write, derivative_path
 from ..errors import InputMissingError, NotWritableError
 from . import figures as _fig
 
@@ -380,6 +380,10 @@ class _Images:
         return self._cache[path]
 
 
+#: Figures that do not depend on the participant, once drawn in this process.
+_TEMPLATE_FIGURE: dict[str, Path] = {}
+
+
 def _unit_figures(output_dir: Path, files: _UnitFiles, similarity: str) -> list[_Figure]:
     source, out, load = files.source, [], _Images()
     preproc, mask, dseg = files.get("preproc"), files.get("mask"), files.get("dseg")
@@ -429,11 +433,19 @@ def _unit_figures(output_dir: Path, files: _UnitFiles, similarity: str) -> list[
                                    crop_mask=brain, crop_margin_mm=6)
             main = _fig.save_figure(fig, _fig_path(output_dir, source, space=TEMPLATE_SPACE,
                                                    desc="registration", suffix="T1w"))
+            alt = _fig_path(output_dir, source, space=TEMPLATE_SPACE, desc="registrationref",
+                            suffix="T1w")
+            drawn = _TEMPLATE_FIGURE.get("registrationref")
+            if drawn is not None and drawn.is_file():
+                # the template figure is the same for every participant: draw it once per process
+                for stale in (alt.with_suffix(".svg"), alt.with_suffix(".png")):
+                    stale.unlink(missing_ok=True)
+                return main, atomic_copy(drawn, alt.with_suffix(drawn.suffix))
             vmin, vmax = _t1w_range(t1w, brain)
             fig = _fig.plot_mosaic(t1w, cuts=cuts, contours=contours, vmin=vmin, vmax=vmax,
                                    crop_mask=brain, crop_margin_mm=6)
-            alt = _fig.save_figure(fig, _fig_path(output_dir, source, space=TEMPLATE_SPACE,
-                                                  desc="registrationref", suffix="T1w"))
+            alt = _fig.save_figure(fig, alt)
+            _TEMPLATE_FIGURE["registrationref"] = alt
             return main, alt
         out.append(_render(
             f"Registration to {TEMPLATE_SPACE}",
