@@ -18,8 +18,9 @@ SUBJECT = "IXI012"
 def ixi_run(ixi_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("deriv")
     work = tmp_path_factory.mktemp("work")
+    # the default model selection: every shipped model runs
     args = [str(ixi_dir), str(out), "participant", "--participant-label", SUBJECT,
-            "--models", "none", "--nprocs", "2", "--omp-nthreads", "2", "-w", str(work)]
+            "--nprocs", "2", "--omp-nthreads", "2", "-w", str(work)]
     start = time.monotonic()
     code = main(args)
     first = time.monotonic() - start
@@ -66,3 +67,36 @@ def test_rerun_resumes_from_cache(ixi_run):
     start = time.monotonic()
     assert main(ixi_run["args"]) == 0
     assert time.monotonic() - start < 0.5 * ixi_run["seconds"]
+
+
+def test_shipped_models_predict(ixi_run):
+    from bidsapp.inference import available_models
+
+    shipped = [m for m in available_models() if m != "ensemble"]
+    if not shipped:
+        pytest.skip("no model shipped in this checkout")
+    anat = ixi_run["out"] / f"sub-{SUBJECT}" / "anat"
+    lines = (anat / f"sub-{SUBJECT}_brainage.tsv").read_text().splitlines()
+    rows = {r["model"]: r for r in (dict(zip(lines[0].split("\t"), line.split("\t")))
+                                    for line in lines[1:])}
+    assert set(shipped) <= set(rows)
+    for model in shipped:
+        row = rows[model]
+        age, lower, upper = float(row["brain_age"]), float(row["brain_age_lower"]), \
+            float(row["brain_age_upper"])
+        assert lower <= age <= upper and 10 < age < 95  # an adult of 38.8 years
+        assert float(row["age"]) == pytest.approx(38.78, abs=1e-3)
+        assert float(row["brain_pad"]) == pytest.approx(age - 38.78, abs=2e-3)
+    if "densenet-clinical" in shipped:
+        native = nib.load(anat / f"sub-{SUBJECT}_desc-densenetclinical_relevancemap.nii.gz")
+        t1w = nib.load(anat / f"sub-{SUBJECT}_desc-preproc_T1w.nii.gz")
+        assert native.shape == t1w.shape and np.allclose(native.affine, t1w.affine)
+        mni = nib.load(anat / f"sub-{SUBJECT}_space-MNI152NLin2009aSym_res-2_desc-densenetclinical"
+                              "_relevancemap.nii.gz")
+        assert mni.shape == (99, 117, 95)
+        data = np.asarray(native.dataobj)
+        mask = np.asarray(nib.load(anat / f"sub-{SUBJECT}_desc-brain_mask.nii.gz").dataobj) > 0
+        # relevance lives in the brain: the map is zero outside the skull-stripped input
+        assert data[mask].sum() > 0 and np.all(data[~mask] == 0)
+        report = (ixi_run["out"] / f"sub-{SUBJECT}.html").read_text()
+        assert "densenet-clinical" in report and "densenetclinical_relevancemap" in report
