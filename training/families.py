@@ -11,6 +11,7 @@ from __future__ import annotations
 import abc
 import hashlib
 import json
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import numpy as np
@@ -20,8 +21,28 @@ from bidsapp.errors import UsageError
 
 from .data import ScanRecord
 
-__all__ = ["ModelFamily", "DenseNetClinicalFamily", "register_family", "get_family",
-           "available_families"]
+__all__ = ["ModelFamily", "Member", "DenseNetClinicalFamily", "MLensBaseFamily", "MLensFamily",
+           "register_family", "get_family", "available_families"]
+
+
+@dataclass(frozen=True)
+class Member:
+    """One network the engine trains in every fold (an ensemble family has several).
+
+    Attributes
+    ----------
+    name : str
+        Sub-folder of the work directory (``""``: the fold folders themselves, as for a family
+        with one network per fold).
+    family : ModelFamily
+        Builds the member's network and prepares its inputs.
+    seed_offset : int
+        Added to the config seed for this member's initialisation and shuffling.
+    """
+
+    name: str
+    family: "ModelFamily"
+    seed_offset: int = 0
 
 
 class ModelFamily(abc.ABC):
@@ -37,10 +58,22 @@ class ModelFamily(abc.ABC):
 
     name: str = ""
     seed_paper: str = ""
+    ensemble: bool = False
+    """True for families that train several members per fold and export them with
+    :meth:`export_ensemble` (the engine's own export handles one network per fold)."""
 
     def __init__(self, model_params: Mapping[str, Any], input_params: Mapping[str, Any]) -> None:
         self.model_params = dict(model_params)
         self.input_params = dict(input_params)
+
+    def members(self) -> list[Member]:
+        """The networks trained in every fold (default: this family's one network)."""
+        return [Member("", self, 0)]
+
+    def export_ensemble(self, config, records, splits, fold_results, work_dir, device, *,
+                        caches, wall_seconds=None):
+        """Write weights and model card of an ensemble family (see :class:`MLensFamily`)."""
+        raise NotImplementedError(f"{self.name} trains one network per fold; the engine exports it")
 
     @abc.abstractmethod
     def build_network(self) -> nn.Module:
@@ -159,7 +192,228 @@ class DenseNetClinicalFamily(ModelFamily):
                     "box centre. Prediction = mean over views.")}
 
 
+def mni_t1w_path(record: ScanRecord):
+    """The participant-level MNI-space T1w beside a record's native ``desc-preproc_T1w``.
+
+    Raises
+    ------
+    InputMissingError
+        When it is missing (derivatives of an older brainage version).
+    """
+    from bidsapp.errors import InputMissingError
+    from bidsapp.transforms.mni_pruned import MNI_T1W_ENTITIES as E
+
+    path = record.t1w.parent / (f"{record.key}_space-{E['space']}_res-{E['res']}_"
+                                f"desc-{E['desc']}_{E['suffix']}.nii.gz")
+    if not path.is_file():
+        raise InputMissingError(f"{path} is missing: the mlens family reads the MNI-space T1w "
+                                "of `brainage ... participant`; rerun the participant level")
+    return path
+
+
+class MLensBaseFamily(ModelFamily):
+    """One MLens base model (seed 002): the 3D CNN on one region's pruned MNI-space T1w.
+
+    Not registered on its own: :class:`MLensFamily` trains many of these per fold.
+    """
+
+    name = "mlens-base"
+    seed_paper = "Hofmann et al., multi-level ensembles of 3D CNNs with LRP (seed 002)"
+    _NET_KEYS = {"filters", "kernel_sizes", "activation", "negative_slope", "pool_size",
+                 "pool_stride", "dropout", "dense_units"}
+
+    def __init__(self, model_params: Mapping[str, Any], input_params: Mapping[str, Any]) -> None:
+        from bidsapp.transforms.mni_pruned import MNIPrunedSpec, pruning_box
+
+        super().__init__(model_params, input_params)
+        unknown = sorted(set(self.model_params) - self._NET_KEYS)
+        if unknown:
+            raise UsageError(f"unknown base-model key(s) {unknown}; allowed: {sorted(self._NET_KEYS)}")
+        try:
+            self.spec = MNIPrunedSpec.from_dict(self.input_params)
+            self.box = pruning_box(self.spec)
+            self.build_network()
+        except (TypeError, ValueError) as exc:
+            raise UsageError(f"invalid mlens [model]/[input]: {exc}") from exc
+        self.input_params = self.spec.to_dict()
+
+    @property
+    def in_shape(self) -> tuple[int, int, int]:
+        """Shape of the pruned input."""
+        return tuple(s.stop - s.start for s in self.box)
+
+    def net_kwargs(self) -> dict[str, Any]:
+        """Constructor arguments of :class:`bidsapp.nets.MLensCNN` (JSON-serialisable)."""
+        p = self.model_params
+        act = str(p.get("activation", "leakyrelu")).lower()
+        if act not in ("leakyrelu", "relu"):
+            raise ValueError(f"activation must be 'leakyrelu' or 'relu', got {act!r}")
+        act_kwargs = {"inplace": False}
+        if act == "leakyrelu":
+            act_kwargs["negative_slope"] = float(p.get("negative_slope", 0.2))
+        kwargs = {"spatial_dims": 3, "in_channels": 1, "out_channels": 1,
+                  "in_shape": list(self.in_shape), "act": [act, act_kwargs]}
+        for key in ("filters", "kernel_sizes"):
+            if key in p:
+                kwargs[key] = [int(v) for v in p[key]]
+        for key in ("pool_size", "pool_stride", "dense_units"):
+            if key in p:
+                kwargs[key] = int(p[key])
+        if "dropout" in p:
+            kwargs["dropout"] = float(p["dropout"])
+        return kwargs
+
+    def build_network(self) -> nn.Module:
+        from bidsapp.nets import MLensCNN
+
+        kwargs = self.net_kwargs()
+        kwargs["act"] = tuple(kwargs["act"])
+        return MLensCNN(**kwargs)
+
+    def prepare(self, record: ScanRecord) -> list[np.ndarray]:
+        from bidsapp.transforms.mni_pruned import prepare_mni_input, to_network_input
+
+        return [to_network_input(prepare_mni_input(mni_t1w_path(record), self.spec))]
+
+    def prepare_robustness(self, record: ScanRecord, spacing_mm: float) -> list[np.ndarray]:
+        raise NotImplementedError("mlens reads the MNI-space T1w; thick-slice robustness needs "
+                                  "re-registration (set export.robustness_spacings_mm = [])")
+
+    def augment(self, view: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        # the paper trains without augmentation
+        return np.asarray(view, dtype=np.float32)
+
+    def keep(self, views: list[np.ndarray]) -> bool:
+        return bool(np.any(views[0] > 0))
+
+
+class MLensFamily(ModelFamily):
+    """Seed 002 (Hofmann et al.): multi-level ensembles (MLens) of 3D CNN base models.
+
+    ``[model]`` holds the base-model keys of :class:`MLensBaseFamily` plus the ensemble:
+    ``ensemble_type`` (``"i"``: one whole-brain sub-ensemble per sequence, 10 base models;
+    ``"ii"``: one per sequence x region, 5 base models), ``base_models``, ``regions``,
+    ``sequences`` (only ``["T1w"]``: the participant level registers no other sequence),
+    ``head_alpha`` (1), ``top_folds`` (5) and ``interval`` (``"ensemble"`` or
+    ``"calibrated"``, see :func:`training.ensemble.mlens_interval`).  ``[input]`` holds
+    :class:`bidsapp.transforms.mni_pruned.MNIPrunedSpec` keys except ``region``.
+    """
+
+    name = "mlens"
+    seed_paper = ("Hofmann et al., Towards the interpretability of deep learning models for "
+                  "multi-modal neuroimaging: multi-level ensembles (MLens) of 3D CNNs with "
+                  "layer-wise relevance propagation (seed 002)")
+    ensemble = True
+    _ENSEMBLE_KEYS = {"ensemble_type", "base_models", "regions", "sequences", "head_alpha",
+                      "top_folds", "interval"}
+
+    def __init__(self, model_params: Mapping[str, Any], input_params: Mapping[str, Any]) -> None:
+        super().__init__(model_params, input_params)
+        p = self.model_params
+        unknown = sorted(set(p) - self._ENSEMBLE_KEYS - MLensBaseFamily._NET_KEYS)
+        if unknown:
+            raise UsageError(f"[model] has unknown key(s) {unknown} for mlens; allowed: "
+                             f"{sorted(self._ENSEMBLE_KEYS | MLensBaseFamily._NET_KEYS)}")
+        if "region" in self.input_params:
+            raise UsageError("[input] region is set per sub-ensemble by [model] regions")
+        self.ensemble_type = str(p.get("ensemble_type", "i"))
+        if self.ensemble_type not in ("i", "ii"):
+            raise UsageError(f"model.ensemble_type must be 'i' or 'ii', got {self.ensemble_type!r}")
+        sequences = [str(v) for v in p.get("sequences", ["T1w"])]
+        if sequences != ["T1w"]:
+            raise UsageError(f"model.sequences {sequences}: only ['T1w'] is supported (the "
+                             "participant level registers no FLAIR/SWI to MNI space)")
+        default_regions = ["whole"] if self.ensemble_type == "i" else ["cortical", "subcortical",
+                                                                         "cerebellum"]
+        regions = [str(v) for v in p.get("regions", default_regions)]
+        if self.ensemble_type == "i" and regions != ["whole"]:
+            raise UsageError("model.regions must be ['whole'] for ensemble_type 'i'")
+        if not regions or len(set(regions)) != len(regions):
+            raise UsageError(f"model.regions must be distinct region names, got {regions}")
+        self.n_base = int(p.get("base_models", 10 if self.ensemble_type == "i" else 5))
+        if self.n_base < 2:
+            raise UsageError(f"model.base_models must be >= 2 (the interval needs a spread), "
+                             f"got {self.n_base}")
+        self.head_alpha = float(p.get("head_alpha", 1.0))
+        self.top_folds = int(p.get("top_folds", 5))
+        if self.head_alpha < 0 or self.top_folds < 2:
+            raise UsageError("model.head_alpha must be >= 0 and model.top_folds >= 2")
+        if str(p.get("interval", "ensemble")) not in ("ensemble", "calibrated"):
+            raise UsageError(f"model.interval must be 'ensemble' or 'calibrated', got "
+                             f"{p.get('interval')!r}")
+        self.subensembles = [f"{seq}-{region}" for seq in sequences for region in regions]
+        base_params = {k: v for k, v in p.items() if k in MLensBaseFamily._NET_KEYS}
+        self._bases = {f"{seq}-{region}": MLensBaseFamily(base_params,
+                                                           {**self.input_params, "region": region})
+                       for seq in sequences for region in regions}
+        self.input_params = {k: v for k, v in self._bases[self.subensembles[0]].input_params.items()
+                             if k != "region"}
+
+    def base_family(self, subensemble: str) -> MLensBaseFamily:
+        """The base-model family of one sub-ensemble."""
+        return self._bases[subensemble]
+
+    @staticmethod
+    def member_name(subensemble: str, index: int) -> str:
+        """Work sub-folder of base model ``index`` of ``subensemble``."""
+        return f"{subensemble}/base{index:02d}"
+
+    def members(self) -> list[Member]:
+        return [Member(self.member_name(sub, b), self._bases[sub], 1 + 100 * s + b)
+                for s, sub in enumerate(self.subensembles) for b in range(self.n_base)]
+
+    def build_network(self) -> nn.Module:
+        return self._bases[self.subensembles[0]].build_network()
+
+    def prepare(self, record: ScanRecord) -> list[np.ndarray]:
+        return self._bases[self.subensembles[0]].prepare(record)
+
+    def prepare_robustness(self, record: ScanRecord, spacing_mm: float) -> list[np.ndarray]:
+        return self._bases[self.subensembles[0]].prepare_robustness(record, spacing_mm)
+
+    def augment(self, view: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        return np.asarray(view, dtype=np.float32)
+
+    def subensemble_card(self, subensemble: str) -> dict[str, Any]:
+        """Input and network of one sub-ensemble, for the model card."""
+        base = self._bases[subensemble]
+        sequence, region = subensemble.split("-", 1)
+        return {"name": subensemble, "sequence": sequence, "region": region,
+                "input": {**base.spec.to_dict(), "shape": list(base.in_shape),
+                          "box": [[s.start, s.stop] for s in base.box]},
+                "net_kwargs": base.net_kwargs(),
+                "n_parameters": int(sum(q.numel() for q in base.build_network().parameters()))}
+
+    def architecture(self) -> dict[str, Any]:
+        from bidsapp.nets import MLensCNN
+
+        return {"class": f"{MLensCNN.__module__}.{MLensCNN.__name__}", "params": self.model_params,
+                "description": "5 conv blocks (conv, activation, max-pool 3 stride 2, 'same' "
+                               "padding), flatten, dropout, dense, activation, linear output; "
+                               "output bias = mean training age; Glorot-uniform init",
+                "per_subensemble": {s: self.subensemble_card(s)["net_kwargs"]
+                                    for s in self.subensembles}}
+
+    def preprocessing(self) -> dict[str, Any]:
+        return {"function": "bidsapp.transforms.mni_pruned.prepare_mni_input",
+                "params": self.input_params,
+                "inputs": ["space-MNI152NLin2009aSym_res-2_desc-preproc_T1w (brain-masked)"],
+                "description": (
+                    "intensities x 255 / 99th brain percentile, clipped at clip_factor x 255 and "
+                    "re-normalised to 0-255; region mask (type ii); resampled to resolution_mm; "
+                    "pruned to the template brain's bounding box + margin_voxels (fixed, from "
+                    "the bundled template); uint8; network input uint8 / 255")}
+
+    def export_ensemble(self, config, records, splits, fold_results, work_dir, device, *,
+                        caches, wall_seconds=None):
+        from .ensemble import export_mlens
+
+        return export_mlens(self, config, records, splits, fold_results, work_dir, device,
+                            caches=caches, wall_seconds=wall_seconds)
+
+
 _FAMILIES: dict[str, type[ModelFamily]] = {DenseNetClinicalFamily.name: DenseNetClinicalFamily}
+_FAMILIES[MLensFamily.name] = MLensFamily
 
 
 def register_family(cls: type[ModelFamily]) -> type[ModelFamily]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -20,9 +21,14 @@ from .families import ModelFamily, get_family
 from .splits import load_or_create_splits
 from .trainer import Trainer
 
-__all__ = ["run_training", "resolve_init_from"]
+__all__ = ["run_training", "resolve_init_from", "member_fold_dir"]
 
 LOGGER = logging.getLogger("brainage.training")
+
+
+def member_fold_dir(work_dir: Path, member: str, fold: int) -> Path:
+    """Folder of one fold of one ensemble member (``work_dir/fold{k}`` for a single network)."""
+    return Path(work_dir) / member / f"fold{fold}" if member else Path(work_dir) / f"fold{fold}"
 
 
 def resolve_init_from(init_from: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -91,7 +97,8 @@ def run_training(config: TrainConfig, *, folds: Sequence[int] | None = None, res
     Returns
     -------
     dict
-        ``{"folds": {k: evaluation}, "card": path or None}`` (evaluations on rank 0 only).
+        ``{"folds": {k: evaluation}, "card": path or None}`` (evaluations on rank 0 only; for
+        an ensemble family, ``{k: {member name: evaluation}}``).
     """
     t0 = time.perf_counter()
     dist = setup_distributed(config.runtime.device)
@@ -103,6 +110,9 @@ def run_training(config: TrainConfig, *, folds: Sequence[int] | None = None, res
 
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         family, init_states, origin = _family_for(config)
+        members = family.members()
+        if init_states is not None and family.ensemble:
+            raise UsageError(f"init_from is not supported for the ensemble family {family.name!r}")
         work = config.work_dir
         if dist.is_main:
             work.mkdir(parents=True, exist_ok=True)
@@ -112,21 +122,28 @@ def run_training(config: TrainConfig, *, folds: Sequence[int] | None = None, res
         first_age: dict[str, float] = {}
         for record in sorted(records, key=lambda r: r.key):
             first_age.setdefault(record.participant, record.age)
+        # one input cache per distinct input preparation (ensemble members may share one)
+        caches: dict[str, InputCache] = {}
+        for member in members:
+            tag = member.family.cache_tag()
+            caches.setdefault(tag, InputCache(work / "cache" / tag, tag, member.family.prepare))
         # rank 0 writes splits and cache; the others read what it wrote
-        cache = InputCache(work / "cache" / family.cache_tag(), family.cache_tag(), family.prepare)
         if dist.is_main:
             splits = load_or_create_splits(work / "splits.json", first_age, folds=config.data.folds,
                                            val_fraction=config.data.val_fraction, seed=config.seed,
                                            user_file=config.data.splits_file)
-            cache.load(records, progress=config.runtime.progress)
-            cache.write_manifest()
+            for cache in caches.values():
+                cache.load(records, progress=config.runtime.progress)
+                cache.write_manifest()
         dist.barrier()
         if not dist.is_main:
             splits = load_or_create_splits(work / "splits.json", first_age, folds=config.data.folds,
                                            val_fraction=config.data.val_fraction, seed=config.seed,
                                            user_file=config.data.splits_file)
-            cache.load(records)
-        usable = [r for r in records if family.keep(cache.views(r.key))]
+            for cache in caches.values():
+                cache.load(records)
+        usable = [r for r in records
+                  if all(m.family.keep(caches[m.family.cache_tag()].views(r.key)) for m in members)]
         if len(usable) < len(records):
             LOGGER.warning("%d scan(s) excluded as mostly background: %s", len(records) - len(usable),
                            ", ".join(r.key for r in records if r not in usable))
@@ -149,30 +166,51 @@ def run_training(config: TrainConfig, *, folds: Sequence[int] | None = None, res
                                  "and the input shape (scans that are mostly background are "
                                  "excluded)")
             init = init_states[k % len(init_states)] if init_states else None
-            trainer = trainer_cls(config, family, cache, train, val, k, work / f"fold{k}", dist,
-                                  resume=resume, init_state=init).run()
-            if dist.is_main:
-                result = evaluate_fold(family, cache, test, trainer.best_path, dist.device,
-                                       config.export.robustness_spacings_mm)
-                (work / f"fold{k}" / "evaluation.json").write_text(json.dumps(result, indent=1),
-                                                                   encoding="utf-8")
-                results[k] = result
-            dist.barrier()
+            for member in members:
+                cache = caches[member.family.cache_tag()]
+                folder = member_fold_dir(work, member.name, k)
+                member_config = (config if not member.seed_offset else
+                                 dataclasses.replace(config, seed=config.seed + member.seed_offset))
+                if member.name:
+                    LOGGER.info("fold %d: member %s", k, member.name)
+                trainer = trainer_cls(member_config, member.family, cache, train, val, k, folder,
+                                      dist, resume=resume, init_state=init).run()
+                if dist.is_main:
+                    result = evaluate_fold(member.family, cache, test, trainer.best_path,
+                                           dist.device, config.export.robustness_spacings_mm)
+                    (folder / "evaluation.json").write_text(json.dumps(result, indent=1),
+                                                            encoding="utf-8")
+                    if not family.ensemble:
+                        results[k] = result
+                    else:
+                        results.setdefault(k, {})[member.name] = result
+                dist.barrier()
         card = None
         if dist.is_main and export:
             done = {}
             for k in range(n_folds):
-                path = work / f"fold{k}" / "evaluation.json"
-                if path.is_file() and (work / f"fold{k}" / "checkpoint_final.pt").is_file():
-                    done[k] = json.loads(path.read_text(encoding="utf-8"))
-            if len(done) == n_folds:
+                found = {}
+                for member in members:
+                    folder = member_fold_dir(work, member.name, k)
+                    path = folder / "evaluation.json"
+                    if path.is_file() and (folder / "checkpoint_final.pt").is_file():
+                        found[member.name] = json.loads(path.read_text(encoding="utf-8"))
+                if len(found) == len(members):
+                    done[k] = found if family.ensemble else found[members[0].name]
+            if len(done) < n_folds:
+                LOGGER.info("export postponed: %d of %d folds finished", len(done), n_folds)
+            elif family.ensemble:
+                card = family.export_ensemble(
+                    config, usable, splits, done, work, dist.device,
+                    caches={m.name: caches[m.family.cache_tag()] for m in members},
+                    wall_seconds=time.perf_counter() - t0)
+            else:
+                cache = caches[members[0].family.cache_tag()]
                 ridge = (ridge_cross_validation(cache, usable, splits)
                          if config.export.ridge_baseline else None)
                 card = export_model(config, family, usable, splits, done, work, dist.device,
                                     ridge=ridge, fine_tuned_from=origin,
                                     wall_seconds=time.perf_counter() - t0)
-            else:
-                LOGGER.info("export postponed: %d of %d folds finished", len(done), n_folds)
         dist.barrier()
         return {"folds": results, "card": card}
     finally:

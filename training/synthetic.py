@@ -13,7 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["synthetic_brain", "make_synthetic_dataset"]
+__all__ = ["synthetic_brain", "synthetic_mni_brain", "make_synthetic_dataset"]
 
 
 def synthetic_brain(age: float, shape: Sequence[int] = (32, 40, 32), seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -43,8 +43,32 @@ def synthetic_brain(age: float, shape: Sequence[int] = (32, 40, 32), seed: int =
     return np.clip(image, 0, None).astype(np.float32), brain.astype(np.uint8)
 
 
+def synthetic_mni_brain(age: float, seed: int = 0) -> np.ndarray:
+    """A brain-masked "MNI-space T1w" of an age on the 2 mm template grid (99 x 117 x 95).
+
+    Built from the bundled template's tissue priors: grey matter darkens and CSF spaces take
+    over with age (in cortex, deep grey matter and cerebellum alike), plus smooth individual
+    intensity bias and noise.  Only for tests of the MNI-space model families.
+    """
+    from bidsapp.templates import get_template
+
+    rng = np.random.default_rng(seed)
+    tpl = get_template(2.0)
+    mask = np.asarray(tpl.mask.dataobj) > 0
+    gm, wm, csf = (img.get_fdata(dtype=np.float32) for img in tpl.tpms)
+    rel = (age - 20.0) / 70.0
+    image = 420 * wm + (300 - 90 * rel) * gm + (60 + 40 * rel) * csf
+    # a smooth individual intensity bias: a random linear ramp of up to +-5 % across the brain
+    ramp = sum(rng.normal(0, 1) * np.linspace(-1, 1, n).reshape([-1 if a == i else 1 for a in range(3)])
+               for i, n in enumerate(mask.shape))
+    image *= 1 + 0.05 * ramp / 3
+    image += rng.normal(0, 6, mask.shape).astype(np.float32)
+    return np.where(mask, np.clip(image, 1, None), 0).astype(np.float32)
+
+
 def make_synthetic_dataset(root: str | Path, ages: Sequence[float], *, shape: Sequence[int] = (32, 40, 32),
-                           zooms: Sequence[float] = (2.0, 2.0, 2.0), seed: int = 0) -> tuple[Path, Path]:
+                           zooms: Sequence[float] = (2.0, 2.0, 2.0), seed: int = 0,
+                           mni: bool = False) -> tuple[Path, Path]:
     """Write ``root/bids`` (raw) and ``root/derivatives`` (preproc T1w + brain mask).
 
     Parameters
@@ -56,6 +80,8 @@ def make_synthetic_dataset(root: str | Path, ages: Sequence[float], *, shape: Se
     shape, zooms : sequence
         Image grid (RAS, voxel sizes in mm).
     seed : int
+    mni : bool
+        Also write ``space-MNI152NLin2009aSym_res-2_desc-preproc_T1w`` (:func:`synthetic_mni_brain`).
 
     Returns
     -------
@@ -90,5 +116,13 @@ def make_synthetic_dataset(root: str | Path, ages: Sequence[float], *, shape: Se
         nib.Nifti1Image(image, affine).to_filename(t1w)
         nib.Nifti1Image(mask, affine).to_filename(derivative_path(derivs, source, desc="brain",
                                                                   suffix="mask"))
+        if mni:
+            from bidsapp.templates import TEMPLATE_SPACE, get_template
+
+            img = nib.Nifti1Image(synthetic_mni_brain(age, seed=seed * 10007 + i),
+                                  get_template(2.0).affine)
+            img.set_data_dtype(np.int16)  # rounded to int16: small files
+            img.to_filename(derivative_path(derivs, source, space=TEMPLATE_SPACE, res="2",
+                                            desc="preproc", suffix="T1w"))
     (bids / "participants.tsv").write_text("\n".join(rows) + "\n")
     return bids, derivs

@@ -39,7 +39,7 @@ def fold_interval(predictions: Sequence[float], level: float = 0.95) -> tuple[fl
     --------
     >>> mean, lo, hi = fold_interval([40.0, 42.0, 41.0, 43.0, 39.0])
     >>> mean, round(lo, 2), round(hi, 2)
-    (41.0, 36.75, 45.25)
+    (41.0, 36.19, 45.81)
     """
     from scipy import stats
 

@@ -5,6 +5,9 @@ from .base import Compose, RandomTransform, Transform, Volume, parse_range
 from .clinical import (ClinicalInputSpec, background_fraction, clinical_augmentation,
                        load_skull_stripped, prepare_view, prepare_views, slicing_offsets)
 from .intensity import Gamma, IntensityScale, PercentileZNormalise
+from .mni_pruned import (MLENS_REGIONS, MNIPrunedSpec, mni_region_masks, prepare_mni_input,
+                         prune, pruning_box, relevance_to_template, scale_to_uint8,
+                         to_network_input, unprune)
 from .spatial import (CropOrPad, Flip, ResampleToSpacing, Shift, SimulateThickSlices,
                       ThickSliceSimulation, axial_axis, foreground_centre, slicing_step)
 
@@ -16,4 +19,6 @@ __all__ = [
     "RandomShift", "RandomFlip", "RandomGamma", "RandomIntensityScale",
     "ClinicalInputSpec", "load_skull_stripped", "slicing_offsets", "prepare_view",
     "prepare_views", "background_fraction", "clinical_augmentation",
+    "MLENS_REGIONS", "MNIPrunedSpec", "mni_region_masks", "pruning_box", "prune", "unprune",
+    "scale_to_uint8", "prepare_mni_input", "to_network_input", "relevance_to_template",
 ]

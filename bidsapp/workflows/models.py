@@ -10,7 +10,7 @@ from nipype.pipeline import engine as pe
 __all__ = ["MODEL_INPUT_FIELDS", "init_models_wf"]
 
 #: Preprocessing outputs the models read (a subset of the anatomical ``outputnode``).
-MODEL_INPUT_FIELDS = ("t1w_preproc", "t1w_mask", "anat2std_xfm", "std_mask")
+MODEL_INPUT_FIELDS = ("t1w_preproc", "t1w_mask", "anat2std_xfm", "std_mask", "std_t1w")
 
 
 def _densenet_clinical_node(device: str, omp_nthreads: int) -> tuple[pe.Node, dict[str, str]]:
@@ -22,8 +22,16 @@ def _densenet_clinical_node(device: str, omp_nthreads: int) -> tuple[pe.Node, di
                   "anat2std_xfm": "anat2std_xfm", "std_mask": "std_reference"}
 
 
+def _mlens_node(device: str, omp_nthreads: int) -> tuple[pe.Node, dict[str, str]]:
+    from ..interfaces.models import MLensPredict
+
+    node = pe.Node(MLensPredict(device=device, num_threads=omp_nthreads),
+                   name="mlens", n_procs=omp_nthreads, mem_gb=2.0)
+    return node, {"std_t1w": "std_t1w"}
+
+
 #: Node factory of each model id: returns the node and how inputnode fields map onto it.
-_FACTORIES = {"densenet-clinical": _densenet_clinical_node}
+_FACTORIES = {"densenet-clinical": _densenet_clinical_node, "mlens": _mlens_node}
 
 
 def init_models_wf(*, models: Sequence[str], device: str = "cpu", omp_nthreads: int = 1,
