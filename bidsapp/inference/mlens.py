@@ -19,7 +19,6 @@ MNI-space T1w:
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -181,16 +180,9 @@ class MLensPredictor:
     def from_models_dir(cls, models_dir: str | Path | None = None,
                         device: str = "cpu") -> "MLensPredictor":
         """Load ``<models_dir>/mlens.json`` (default: the registry's folder)."""
-        from .registry import models_dir as default_dir
+        from .registry import read_card
 
-        folder = Path(models_dir) if models_dir is not None else default_dir()
-        card_path = folder / f"{MODEL_ID}.json"
-        if not card_path.is_file():
-            raise ModelError(f"no {MODEL_ID} model card in {folder}")
-        try:
-            card = json.loads(card_path.read_text(encoding="utf-8"))
-        except ValueError as exc:
-            raise ModelError(f"model card {card_path} is not valid JSON: {exc}") from exc
+        card, folder = read_card(MODEL_ID, models_dir)
         return cls(card, folder, device=device)
 
     def prepare(self, std_t1w: str | Path) -> dict[str, Volume]:

@@ -16,7 +16,7 @@ from typing import Sequence
 from ..config import MODEL_IDS
 from ..errors import ModelError
 
-__all__ = ["models_dir", "available_models", "resolve_models"]
+__all__ = ["models_dir", "available_models", "read_card", "resolve_models"]
 
 LOGGER = logging.getLogger("brainage.inference")
 
@@ -34,6 +34,25 @@ def models_dir() -> Path:
     if spec is not None and spec.submodule_search_locations:
         return Path(list(spec.submodule_search_locations)[0])
     return Path(__file__).resolve().parents[2] / "models"
+
+
+def read_card(model_id: str, folder: str | Path | None = None) -> tuple[dict, Path]:
+    """The parsed card ``<folder>/<model_id>.json`` and its folder (default: :func:`models_dir`).
+
+    Raises
+    ------
+    ModelError
+        When the card is missing or not valid JSON.
+    """
+    folder = Path(folder) if folder is not None else models_dir()
+    card_path = folder / f"{model_id}.json"
+    if not card_path.is_file():
+        raise ModelError(f"no {model_id} model card in {folder}")
+    try:
+        card = json.loads(card_path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise ModelError(f"model card {card_path} is not valid JSON: {exc}") from exc
+    return card, folder
 
 
 def available_models() -> dict[str, dict]:
