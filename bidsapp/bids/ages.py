@@ -92,8 +92,9 @@ def to_years(value: Any, unit: str | None, *, where: str) -> tuple[float | None,
 
     Examples
     --------
-    >>> to_years("23", "months", where="x")
-    (1.9166666666666667, False)
+    >>> years, censored = to_years("23", "months", where="x")
+    >>> round(years, 4), censored
+    (1.9167, False)
     >>> to_years("89+", None, where="x")
     (89.0, True)
     """
