@@ -45,6 +45,8 @@ __all__ = [
 
 APP_NAME = "brainage"
 TEMPLATE_SPACE = "MNI152NLin2009aSym"
+#: Where the template of :data:`TEMPLATE_SPACE` is described (the ``SpatialReference`` of its images).
+TEMPLATE_URL = "https://www.bic.mni.mcgill.ca/ServicesAtlases/ICBM152NLin2009"
 BIDS_VERSION = "1.10.0"
 
 # Entities of the source T1w kept in derivative names, in the order BIDS prescribes.
@@ -374,7 +376,9 @@ def write_anat_derivatives(output_dir: str | os.PathLike, source: SourceEntities
         written.append(atomic_copy(src, dst))
         if meta is not None:
             sidecar = dst.with_name(dst.name.split(".")[0] + ".json")
-            written.append(write_json(sidecar, {**meta, "Sources": sources}))
+            reference = TEMPLATE_URL if name.get("space") else sources[0]
+            written.append(write_json(sidecar, {**meta, "Sources": sources,
+                                                "SpatialReference": reference}))
 
     space = {"space": TEMPLATE_SPACE}
     put(outputs["t1w_preproc"], {"SkullStripped": False,
@@ -396,9 +400,13 @@ def write_anat_derivatives(output_dir: str | os.PathLike, source: SourceEntities
     put(outputs["std2anat_xfm"], None, from_=TEMPLATE_SPACE, to="T1w", mode="image",
         suffix="xfm", extension=".h5")
     res2 = {"Resolution": _RESOLUTIONS["2"]}
-    put(outputs["std_t1w"], {**res2, "SkullStripped": True}, **space, res="2", desc="preproc",
+    put(outputs["std_t1w"], {**res2, "SkullStripped": True,
+                             "Description": "Brain-masked N4-corrected T1w warped to the template"},
+        **space, res="2", desc="preproc",
         suffix="T1w")
-    put(outputs["std_mask"], {**res2, "Type": "Brain"}, **space, res="2", desc="brain", suffix="mask")
+    put(outputs["std_mask"], {**res2, "Type": "Brain",
+                              "Description": "deepbet brain mask warped to the template"},
+        **space, res="2", desc="brain", suffix="mask")
     for tissue, path in zip(TISSUES, outputs["std_tpms"]):
         put(path, {**res2, "Description": f"{tissue} probability warped to the template"}, **space,
             res="2", label=tissue, suffix="probseg")
@@ -464,7 +472,8 @@ def write_model_derivatives(output_dir: str | os.PathLike, source: SourceEntitie
             dst = derivative_path(out, source, space=item.get("space"), res=item.get("res"),
                                   desc=pred["model"].replace("-", ""), suffix=item["suffix"])
             written.append(atomic_copy(item["file"], dst))
-            meta = {**item.get("meta", {}), "Model": pred["model"], "Sources": sources}
+            meta = {**item.get("meta", {}), "Model": pred["model"], "Sources": sources,
+                    "SpatialReference": TEMPLATE_URL if item.get("space") else sources[0]}
             if item.get("space"):
                 meta.setdefault("Resolution", _RESOLUTIONS.get(item.get("res"), ""))
             written.append(write_json(dst.with_name(dst.name.split(".")[0] + ".json"), meta))
