@@ -30,6 +30,18 @@ LOGGER = logging.getLogger("brainage.atlases")
 _N_CORTICAL = 96  # the first 96 volumes are the 48 cortical structures x 2 hemispheres
 
 
+def _target_grid(target_img) -> tuple[tuple[int, ...], bytes]:
+    """Shape and affine (as bytes, a cache key) of ``target_img`` (default: the 2 mm template)."""
+    if target_img is None:
+        from nilearn.datasets import load_mni152_brain_mask
+
+        target_img = load_mni152_brain_mask(resolution=2)
+    elif isinstance(target_img, (str, Path)):
+        target_img = nib.load(target_img)
+    affine = np.ascontiguousarray(target_img.affine, dtype=np.float64)
+    return tuple(int(s) for s in target_img.shape[:3]), affine.tobytes()
+
+
 def harvard_oxford_files():
     """Paths of the probabilistic atlas image and its label table.
 
@@ -113,15 +125,8 @@ def load_cerebellum_mask(target_img=None):
     numpy.ndarray of bool
         The mask, shape of ``target_img``.
     """
-    if target_img is None:
-        from nilearn.datasets import load_mni152_brain_mask
-
-        target_img = load_mni152_brain_mask(resolution=2)
-    elif isinstance(target_img, (str, Path)):
-        target_img = nib.load(target_img)
-    shape = tuple(int(s) for s in target_img.shape[:3])
-    affine = np.ascontiguousarray(target_img.affine, dtype=np.float64)
-    return _cerebellum(shape, affine.tobytes()).copy()
+    shape, affine = _target_grid(target_img)
+    return _cerebellum(shape, affine).copy()
 
 
 def _label_table(csv):
@@ -190,15 +195,8 @@ def load_harvard_oxford(target_img=None, *, threshold=25.0):
     """
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 100:
         raise ValueError(f"'threshold' must be a percentage in [0, 100]; got {threshold!r}.")
-    if target_img is None:
-        from nilearn.datasets import load_mni152_brain_mask
-
-        target_img = load_mni152_brain_mask(resolution=2)
-    elif isinstance(target_img, (str, Path)):
-        target_img = nib.load(target_img)
-    shape = tuple(int(s) for s in target_img.shape[:3])
-    affine = np.ascontiguousarray(target_img.affine, dtype=np.float64)
-    img, table = _resampled(float(threshold), shape, affine.tobytes())
+    shape, affine = _target_grid(target_img)
+    img, table = _resampled(float(threshold), shape, affine)
     return img, table.copy()
 
 

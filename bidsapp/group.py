@@ -30,6 +30,7 @@ import pandas as pd
 from . import stats
 from .derivatives import TEMPLATE_SPACE, SourceEntities, atomic_write, write_json
 from .errors import ImageError, InputMissingError, PhenotypeError, UsageError
+from .jsonfiles import read_json_file
 
 __all__ = ["GroupOptions", "GroupResult", "run_group_level"]
 
@@ -131,12 +132,7 @@ class GroupOptions:
         GroupOptions
         """
         path = Path(path)
-        if not path.is_file():
-            raise InputMissingError(f"analysis file {path} does not exist")
-        try:
-            spec = json.loads(path.read_text(encoding="utf-8"))
-        except ValueError as exc:
-            raise UsageError(f"analysis file {path} is not valid JSON: {exc}") from None
+        spec = read_json_file(path, "analysis file")
         if not isinstance(spec, dict):
             raise UsageError(f"analysis file {path} must hold a JSON object")
         spec = {str(k).replace("-", "_"): v for k, v in spec.items()}

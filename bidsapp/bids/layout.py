@@ -7,7 +7,6 @@ where ``null`` means the entity must be absent and ``"*"`` any value.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from typing import Any, Mapping, Sequence
 
 from ..derivatives import SourceEntities
 from ..errors import EmptySelectionError, InputMissingError, UsageError
+from ..jsonfiles import read_json_file
 from .ages import ScanInfo, lookup_scan_info
 
 __all__ = ["T1wUnit", "DEFAULT_QUERY", "load_bids_filters", "collect_t1w_units", "normalise_labels"]
@@ -69,12 +69,7 @@ def load_bids_filters(path: str | Path | None) -> dict[str, Any]:
     if path is None:
         return query
     path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"--bids-filter-file {path} does not exist")
-    try:
-        content = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise UsageError(f"--bids-filter-file {path} is not valid JSON: {exc}") from exc
+    content = read_json_file(path, "--bids-filter-file", missing=UsageError, invalid=UsageError)
     if not isinstance(content, dict) or set(content) - {"t1w"}:
         raise UsageError(f"--bids-filter-file {path}: expected {{\"t1w\": {{entity: value}}}}, "
                          f"got keys {sorted(content) if isinstance(content, dict) else type(content).__name__}")

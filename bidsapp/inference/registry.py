@@ -15,6 +15,7 @@ from typing import Sequence
 
 from ..config import MODEL_IDS
 from ..errors import ModelError
+from ..jsonfiles import read_json_file
 
 __all__ = ["models_dir", "available_models", "read_card", "resolve_models"]
 
@@ -48,10 +49,7 @@ def read_card(model_id: str, folder: str | Path | None = None) -> tuple[dict, Pa
     card_path = folder / f"{model_id}.json"
     if not card_path.is_file():
         raise ModelError(f"no {model_id} model card in {folder}")
-    try:
-        card = json.loads(card_path.read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise ModelError(f"model card {card_path} is not valid JSON: {exc}") from exc
+    card = read_json_file(card_path, "model card", missing=ModelError, invalid=ModelError)
     return card, folder
 
 
