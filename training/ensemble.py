@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -193,7 +192,8 @@ def export_mlens(family, config, records: Sequence[ScanRecord], splits: Mapping[
     Path
         The model card ``<models_dir>/<model id>.json``.
     """
-    from .export import _data_summary, _fold_seconds, _portable, environment_info, to_fp16
+    from .export import (_data_summary, _fold_seconds, card_header, to_fp16, training_record,
+                     write_card)
     from .run import member_fold_dir
 
     exp = config.export
@@ -271,12 +271,8 @@ def export_mlens(family, config, records: Sequence[ScanRecord], splits: Mapping[
     (folder / "splits.json").write_text(json.dumps(splits, indent=1), encoding="utf-8")
 
     params = family.model_params
-    env = environment_info(device)
     card = {
-        "id": model_id, "family": family.name, "variant": exp.variant,
-        "seed_paper": family.seed_paper,
-        "architecture": family.architecture(), "input": family.preprocessing(),
-        "weights": weights,
+        **card_header(config, family, weights),
         "ensemble": {
             "type": family.ensemble_type, "folds": folds, "base_models": n_base,
             "subensembles": [family.subensemble_card(sub) for sub in subs],
@@ -316,16 +312,11 @@ def export_mlens(family, config, records: Sequence[ScanRecord], splits: Mapping[
                                    "mean_width": float(2 * np.mean(top_cv["calibrated_halfwidth"])),
                                    "shipped_halfwidth": calibrated}},
                 "predictions": f"{model_id}/cv_predictions.tsv"}},
-        "training": {"config": _portable(config.to_dict()), "train_seconds_total": train_seconds,
-                     "wall_seconds": wall_seconds, **env,
-                     "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+        "training": training_record(config, device, train_seconds, wall_seconds),
         "fine_tuned_from": None,
         "notes": exp.notes,
     }
-    card_path = exp.models_dir / f"{model_id}.json"
-    tmp = card_path.with_suffix(".part")
-    tmp.write_text(json.dumps(card, indent=1, default=float), encoding="utf-8")
-    tmp.replace(card_path)
+    card_path = write_card(card, exp.models_dir)
     LOGGER.info("wrote %s (CV MAE: MLens %.2f y, best base model %.2f y)", card_path,
                 levels["mlens"]["mae"], min(v["mae_min"] for v in levels["base"].values()))
     return card_path

@@ -22,7 +22,7 @@ from .evaluate import predict_views, regression_metrics
 from .families import ModelFamily
 
 __all__ = ["to_fp16", "evaluate_fold", "ridge_cross_validation", "export_model",
-           "environment_info"]
+           "environment_info", "card_header", "training_record", "write_card"]
 
 LOGGER = logging.getLogger("brainage.training")
 # Output scaling stays float32: fp16 would round a 45-year offset by ~0.02 y on its own.
@@ -150,6 +150,31 @@ def _robustness(rows: Sequence[Mapping[str, Any]], spacings: Sequence[float]) ->
     return out
 
 
+
+def card_header(config: TrainConfig, family: ModelFamily, weights: list[dict[str, Any]]) -> dict[str, Any]:
+    """The fields every model card starts with: identity, seed paper, architecture, input, weights."""
+    return {"id": config.export.model_id, "family": family.name, "variant": config.export.variant,
+            "seed_paper": family.seed_paper,
+            "architecture": family.architecture(), "input": family.preprocessing(),
+            "weights": weights}
+
+
+def training_record(config: TrainConfig, device: torch.device, train_seconds: float,
+                    wall_seconds: float | None) -> dict[str, Any]:
+    """The card's ``training`` block: portable config, time, hardware, versions, date."""
+    return {"config": _portable(config.to_dict()), "train_seconds_total": float(train_seconds),
+            "wall_seconds": wall_seconds, **environment_info(device),
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def write_card(card: Mapping[str, Any], models_dir: Path) -> Path:
+    """Write ``<models_dir>/<id>.json`` atomically (a reader never sees half a card)."""
+    card_path = models_dir / f"{card['id']}.json"
+    tmp = card_path.with_suffix(".part")
+    tmp.write_text(json.dumps(card, indent=1, default=float), encoding="utf-8")
+    tmp.replace(card_path)
+    return card_path
+
 def export_model(config: TrainConfig, family: ModelFamily, records: Sequence[ScanRecord],
                  splits: Mapping[str, Any], fold_results: Mapping[int, Mapping[str, Any]],
                  work_dir: Path, device: torch.device, *, ridge: Mapping[str, Any] | None = None,
@@ -192,12 +217,8 @@ def export_model(config: TrainConfig, family: ModelFamily, records: Sequence[Sca
     pooled = regression_metrics([r["age"] for r in all_rows], [r["predicted"] for r in all_rows])
     _write_predictions(folder / "cv_predictions.tsv", all_rows, ridge)
     (folder / "splits.json").write_text(json.dumps(splits, indent=1), encoding="utf-8")
-    env = environment_info(device)
     card = {
-        "id": model_id, "family": family.name, "variant": exp.variant,
-        "seed_paper": family.seed_paper,
-        "architecture": family.architecture(), "input": family.preprocessing(),
-        "weights": weights,
+        **card_header(config, family, weights),
         "prediction": {
             "ensemble": "mean of the fold models' predictions (each the mean over the input views)",
             "interval": "95% interval of the fold models: mean +/- t(0.975, K-1) * SD * sqrt(1 + 1/K); "
@@ -215,17 +236,12 @@ def export_model(config: TrainConfig, family: ModelFamily, records: Sequence[Sca
                     "ridge_baseline": ({"pooled": ridge["pooled"], "per_fold": ridge["per_fold"],
                                         "features": ridge["features"]} if ridge else None),
                     "thick_slice_robustness": _robustness(all_rows, spacings)},
-        "training": {"config": _portable(config.to_dict()),
-                     "train_seconds_total": float(sum(f["train_seconds"] for f in per_fold)),
-                     "wall_seconds": wall_seconds, **env,
-                     "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+        "training": training_record(config, device, sum(f["train_seconds"] for f in per_fold),
+                                    wall_seconds),
         "fine_tuned_from": dict(fine_tuned_from) if fine_tuned_from else None,
         "notes": exp.notes,
     }
-    card_path = exp.models_dir / f"{model_id}.json"
-    tmp = card_path.with_suffix(".part")
-    tmp.write_text(json.dumps(card, indent=1, default=float), encoding="utf-8")
-    tmp.replace(card_path)
+    card_path = write_card(card, exp.models_dir)
     LOGGER.info("wrote %s (pooled CV MAE %.2f y, r %.3f)", card_path, pooled["mae"], pooled["r"])
     return card_path
 

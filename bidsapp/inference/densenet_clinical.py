@@ -19,6 +19,7 @@ import torch
 
 from ..errors import ModelError
 from ..transforms import ClinicalInputSpec, Volume, load_skull_stripped, prepare_views
+from .registry import require_family
 from .weights import load_card_state_dicts
 
 __all__ = ["MODEL_ID", "DenseNetClinicalPrediction", "DenseNetClinicalPredictor",
@@ -95,9 +96,7 @@ class DenseNetClinicalPredictor:
     def __init__(self, card: Mapping[str, Any], folder: str | Path, device: str = "cpu") -> None:
         from ..nets import DenseNetRegressor
 
-        if card.get("family") != MODEL_ID:
-            raise ModelError(f"model card {card.get('id')} is not a {MODEL_ID} model "
-                             f"(family {card.get('family')!r})")
+        require_family(card, MODEL_ID)
         self.card = dict(card)
         self.device = torch.device(device)
         try:

@@ -32,6 +32,7 @@ from ..errors import ModelError
 from ..transforms import Volume
 from ..transforms.mni_pruned import (MNIPrunedSpec, prepare_mni_input, pruning_box,
                                      relevance_to_template, to_network_input)
+from .registry import require_family
 from .weights import load_card_state_dicts
 
 __all__ = ["MODEL_ID", "MLensPrediction", "MLensPredictor", "predict_mlens", "fold_halfwidth"]
@@ -122,9 +123,7 @@ class MLensPredictor:
     def __init__(self, card: Mapping[str, Any], folder: str | Path, device: str = "cpu") -> None:
         from ..nets import MLensCNN
 
-        if card.get("family") != MODEL_ID:
-            raise ModelError(f"model card {card.get('id')} is not an {MODEL_ID} model "
-                             f"(family {card.get('family')!r})")
+        require_family(card, MODEL_ID, article="an")
         self.card = dict(card)
         self.device = torch.device(device)
         try:

@@ -17,7 +17,7 @@ from ..config import MODEL_IDS
 from ..errors import ModelError
 from ..jsonfiles import read_json_file
 
-__all__ = ["models_dir", "available_models", "read_card", "resolve_models"]
+__all__ = ["models_dir", "available_models", "read_card", "require_family", "resolve_models"]
 
 LOGGER = logging.getLogger("brainage.inference")
 
@@ -51,6 +51,20 @@ def read_card(model_id: str, folder: str | Path | None = None) -> tuple[dict, Pa
         raise ModelError(f"no {model_id} model card in {folder}")
     card = read_json_file(card_path, "model card", missing=ModelError, invalid=ModelError)
     return card, folder
+
+
+def require_family(card: dict, family: str, article: str = "a") -> None:
+    """Refuse a card of another model family (a predictor must not load foreign weights).
+
+    ``article`` makes the message read well ("an mlens model").
+
+    Raises
+    ------
+    ModelError
+    """
+    if card.get("family") != family:
+        raise ModelError(f"model card {card.get('id')} is not {article} {family} model "
+                         f"(family {card.get('family')!r})")
 
 
 def available_models() -> dict[str, dict]:
