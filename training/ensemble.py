@@ -169,7 +169,8 @@ def _predict_members(family, cache: InputCache, records: Sequence[ScanRecord], c
 
 def export_mlens(family, config, records: Sequence[ScanRecord], splits: Mapping[str, Any],
                  fold_results: Mapping[int, Mapping[str, Any]], work_dir: Path, device: torch.device,
-                 *, caches: Mapping[str, InputCache], wall_seconds: float | None = None) -> Path:
+                 *, caches: Mapping[str, InputCache], ridge: Mapping[str, Any] | None = None,
+                 wall_seconds: float | None = None) -> Path:
     """Fit heads and top level, evaluate every level, write weights and the model card.
 
     Parameters
@@ -185,6 +186,9 @@ def export_mlens(family, config, records: Sequence[ScanRecord], splits: Mapping[
     device : torch.device
     caches : mapping
         Input cache of each member.
+    ridge : mapping, optional
+        :func:`training.export.ridge_cross_validation` on the same folds: the baseline the
+        ensemble must beat.
     wall_seconds : float, optional
 
     Returns
@@ -311,7 +315,9 @@ def export_mlens(family, config, records: Sequence[ScanRecord], splits: Mapping[
                     "calibrated": {"coverage": float(np.mean(calibrated_cov)),
                                    "mean_width": float(2 * np.mean(top_cv["calibrated_halfwidth"])),
                                    "shipped_halfwidth": calibrated}},
-                "predictions": f"{model_id}/cv_predictions.tsv"}},
+                "predictions": f"{model_id}/cv_predictions.tsv"},
+            "ridge_baseline": ({"pooled": ridge["pooled"], "per_fold": ridge["per_fold"],
+                                "features": ridge["features"]} if ridge else None)},
         "training": training_record(config, device, train_seconds, wall_seconds),
         "fine_tuned_from": None,
         "notes": exp.notes,

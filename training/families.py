@@ -71,7 +71,7 @@ class ModelFamily(abc.ABC):
         return [Member("", self, 0)]
 
     def export_ensemble(self, config, records, splits, fold_results, work_dir, device, *,
-                        caches, wall_seconds=None):
+                        caches, ridge=None, wall_seconds=None):
         """Write weights and model card of an ensemble family (see :class:`MLensFamily`)."""
         raise NotImplementedError(f"{self.name} trains one network per fold; the engine exports it")
 
@@ -405,11 +405,11 @@ class MLensFamily(ModelFamily):
                     "the bundled template); uint8; network input uint8 / 255")}
 
     def export_ensemble(self, config, records, splits, fold_results, work_dir, device, *,
-                        caches, wall_seconds=None):
+                        caches, ridge=None, wall_seconds=None):
         from .ensemble import export_mlens
 
         return export_mlens(self, config, records, splits, fold_results, work_dir, device,
-                            caches=caches, wall_seconds=wall_seconds)
+                            caches=caches, ridge=ridge, wall_seconds=wall_seconds)
 
 
 _FAMILIES: dict[str, type[ModelFamily]] = {DenseNetClinicalFamily.name: DenseNetClinicalFamily}

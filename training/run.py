@@ -200,10 +200,13 @@ def run_training(config: TrainConfig, *, folds: Sequence[int] | None = None, res
             if len(done) < n_folds:
                 LOGGER.info("export postponed: %d of %d folds finished", len(done), n_folds)
             elif family.ensemble:
+                # the baseline sees the input of the first sub-ensemble (T1w, whole brain)
+                ridge = (ridge_cross_validation(caches[members[0].family.cache_tag()], usable, splits)
+                         if config.export.ridge_baseline else None)
                 card = family.export_ensemble(
                     config, usable, splits, done, work, dist.device,
                     caches={m.name: caches[m.family.cache_tag()] for m in members},
-                    wall_seconds=time.perf_counter() - t0)
+                    ridge=ridge, wall_seconds=time.perf_counter() - t0)
             else:
                 cache = caches[members[0].family.cache_tag()]
                 ridge = (ridge_cross_validation(cache, usable, splits)

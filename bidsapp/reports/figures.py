@@ -110,6 +110,12 @@ class Overlay:
         Opacity in [0, 1].
     label : str or None
         Colour-bar label (e.g. ``'brain age (years)'``).
+    symmetric : bool
+        Force a range symmetric about zero (``RdBu_r``) even when the data are one-signed,
+        so that the colour of zero is the same in every map of a kind (relevance maps).
+    percentile : float
+        Percentile of the non-zero values (of ``|value|`` for a symmetric range) that ends the
+        automatic range; brighter voxels saturate.
     """
 
     img: ImageLike
@@ -119,6 +125,8 @@ class Overlay:
     threshold: float | None = None
     alpha: float = 0.8
     label: str | None = None
+    symmetric: bool = False
+    percentile: float = 99.5
 
 
 def load_3d(img: ImageLike, *, name: str = "img") -> nib.spatialimages.SpatialImage:
@@ -326,14 +334,15 @@ def _overlay_style(overlay: Overlay) -> tuple[str, float, float]:
     """Colormap and range of an overlay, filling in the automatic choices."""
     data = np.asanyarray(load_3d(overlay.img, name="overlay").dataobj).astype(np.float32)
     values = data[np.isfinite(data) & (data != 0)]
-    signed = values.size > 0 and values.min() < 0 < values.max()
+    signed = overlay.symmetric or (values.size > 0 and values.min() < 0 < values.max())
     vmin, vmax = overlay.vmin, overlay.vmax
     if values.size and (vmin is None or vmax is None):
         if signed:
-            bound = float(np.percentile(np.abs(values), 99.5))
+            bound = float(np.percentile(np.abs(values), overlay.percentile))
             auto = (-bound, bound)
         else:
-            auto = tuple(float(v) for v in np.percentile(values, [0.5, 99.5]))
+            auto = tuple(float(v) for v in
+                         np.percentile(values, [100.0 - overlay.percentile, overlay.percentile]))
         vmin = auto[0] if vmin is None else vmin
         vmax = auto[1] if vmax is None else vmax
     vmin = 0.0 if vmin is None else float(vmin)

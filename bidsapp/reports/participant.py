@@ -465,6 +465,9 @@ def _explanation_figure(output_dir: Path, source: SourceEntities, path: Path,
     desc = re.search(r"_desc-([A-Za-z0-9]+)_", name)
     model = desc.group(1) if desc else "model"
     label = _MAP_SUFFIXES.get(suffix, suffix)
+    # relevance (LRP, guided backprop): symmetric range clipped at the 99th percentile of
+    # |relevance| (seed 002), so white is zero and the few hottest voxels do not wash out the rest
+    style = {"symmetric": True, "percentile": 99.0} if suffix == "relevancemap" else {}
 
     def render() -> tuple[Path, None]:
         t1w, brain, _ = _template()
@@ -472,12 +475,14 @@ def _explanation_figure(output_dir: Path, source: SourceEntities, path: Path,
         vmin, vmax = _t1w_range(background, None) if mni is not None else (None, None)
         fig = _fig.plot_mosaic(background, cuts=_fig.cuts_from_mask(brain), vmin=vmin, vmax=vmax,
                                crop_mask=brain, crop_margin_mm=6,
-                               overlay=_fig.Overlay(path, label=label))
+                               overlay=_fig.Overlay(path, label=label, **style))
         target = output_dir / f"sub-{source.subject}" / "figures" / f"{name}.svg"
         return _fig.save_figure(fig, target), None
 
     caption = (f"{label.capitalize()} of model '{model}' ({path.name}) over the T1w in template "
-               "space. Values are colour-coded; voxels equal to zero are transparent.")
+               "space. Values are colour-coded; voxels equal to zero are transparent."
+               + (" Symmetric colour range: ±the 99th percentile of |relevance|; red is positive "
+                  "(pushes the predicted age up), blue negative." if style else ""))
     return _render(f"Explanation map: {model} ({suffix})", caption, render)
 
 

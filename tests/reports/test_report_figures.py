@@ -122,6 +122,21 @@ def test_overlay_colour_range_is_symmetric_for_signed_maps():
     assert positive.axes[-1].get_ylim() == pytest.approx((0.0, 3.0))
 
 
+def test_symmetric_overlay_clips_at_the_requested_percentile_of_magnitudes():
+    # one-signed relevance with a few extreme voxels: symmetric range, +-99th percentile of |r|
+    bg = nib.Nifti1Image(np.ones((20, 20, 20), np.float32), np.eye(4))
+    data = np.zeros((20, 20, 20), np.float32)
+    data[5:15, 5:15, 5:15] = np.linspace(0.01, 1.0, 1000).reshape(10, 10, 10)
+    data[5, 5, 5:8] = 50.0  # 3 of 1000 non-zero voxels: above the 99th percentile
+    values = data[data != 0]
+    cuts = cuts_from_mask(_cube_mask(lo=5, hi=15), 2)
+    fig = plot_mosaic(bg, cuts=cuts, overlay=Overlay(nib.Nifti1Image(data, np.eye(4)),
+                                                     symmetric=True, percentile=99.0))
+    low, high = fig.axes[-1].get_ylim()
+    assert high == pytest.approx(np.percentile(np.abs(values), 99.0), rel=1e-5)
+    assert low == pytest.approx(-high) and high < 50.0
+
+
 def test_mosaic_rejects_bad_arguments():
     bg = nib.Nifti1Image(np.ones((5, 5, 5), np.float32), np.eye(4))
     with pytest.raises(ValueError, match="cuts"):

@@ -177,6 +177,11 @@ def test_top_level_and_per_level_metrics(trained):
     best_base = min(v["mae_min"] for v in levels["base"].values())
     assert card["metrics"]["cross_validation"]["ensemble_beats_best_base_model"] == (
         levels["mlens"]["mae"] < best_base)
+    # the ridge baseline on the same (pruned MNI) inputs, same folds, every held-out scan once
+    ridge = card["metrics"]["ridge_baseline"]
+    assert ridge["pooled"]["n"] == len(rows)
+    assert [f["fold"] for f in ridge["per_fold"]] == sorted({int(r["fold"]) for r in rows})
+    assert np.isfinite(ridge["pooled"]["mae"]) and ridge["pooled"]["mae"] > 0
 
 
 def test_interval_and_its_coverage(trained):
