@@ -8,6 +8,13 @@ phenotypes of ``participants.tsv`` / ``sessions.tsv``, and writes at the root of
 {t,d,tfce,p,pfwe}_statmap.nii.gz``, ``desc-<model>_biasfit.json`` and ``group.html``.
 Every file is written atomically. The statistics come from :mod:`bidsapp.stats`.
 
+Relevance maps also get the analyses of seed 002 (one scan per participant), as statistic
+maps named like the contrasts: ``desc-<model>absrelevance_contrast-MeanVsZero`` (one-sample
+sign-flip test of |relevance|), ``desc-<model>relevanceagegroup_contrast-{OldVsYoung,
+YoungVsOld}`` (age >= 60 vs <= 40) and ``desc-<model>relevancepad_contrast-{PADVsZero,
+ZeroVsPAD}`` (brain-PAD slope with age and age^2 as covariates, Freedman–Lane; effect size
+``stat-r``, the partial correlation).
+
 Between-group analyses use one scan per participant (the first by session, acquisition,
 run); repeated scans of a participant feed the ICC analyses.
 """
@@ -43,6 +50,9 @@ _MAP_RE = re.compile(rf"_space-{TEMPLATE_SPACE}_res-2_desc-(?P<model>[A-Za-z0-9]
 _MISSING = {"", "n/a", "na", "nan", "none"}
 _VBM = "GMvolume"            # desc label of the VBM (modulated GM) analyses
 _GM_MASK_THRESHOLD = 0.1     # mean modulated GM below this is not analysed (VBM practice)
+# seed 002: age groups of the young-vs-old relevance contrast (years)
+_YOUNG_MAX_AGE, _OLD_MIN_AGE = 40.0, 60.0
+_MIN_PAD_SCANS = 6           # relevance ~ PAD + age + age^2: 4 parameters, >= 2 residual df
 _STATS_COLUMNS = ["model", "level", "region", "contrast", "test", "statistic", "df", "p",
                   "p_corrected", "effect_size"]
 
@@ -479,6 +489,88 @@ def _contrast_rows(ctx, rows, a, b):
     return sel, is_a.astype(bool), design
 
 
+def _permutation_test(options, data, design, contrasts, mask, random_state, n_jobs):
+    """:func:`bidsapp.stats.permutation_test` with the group options (permutations, TFCE)."""
+    return stats.permutation_test(
+        data, design, contrasts, mask=mask, n_perm=options.n_perm, tfce=options.tfce,
+        tfce_steps=options.tfce_steps, connectivity=options.connectivity, random_state=random_state,
+        n_jobs=n_jobs, progress=LOGGER.isEnabledFor(logging.INFO))
+
+
+def _permute(ctx, data, design, contrasts, mask):
+    """:func:`_permutation_test` with the run's options, generator and workers."""
+    return _permutation_test(ctx.options, data, design, contrasts, mask, ctx.rng, ctx.nprocs)
+
+
+def _inference_meta(ctx, res):
+    """Sidecar fields shared by every permutation statistic map."""
+    opts = ctx.options
+    return {"NPermutations": res.n_perm, "Exhaustive": res.exhaustive, "Scheme": res.scheme,
+            "Inference": (f"TFCE (H=2, E=0.5, connectivity {opts.connectivity}, "
+                          f"steps {opts.tfce_steps})" if opts.tfce else "voxelwise max-t")}
+
+
+def _write_direction(ctx, res, k, *, desc, label, g1, g2, mask, affine, meta, t_map, effect,
+                     test, report_key="voxel_maps", region_label=None):
+    """Write the maps of contrast row ``k`` of ``res`` and its summary row.
+
+    Parameters
+    ----------
+    ctx : _Context
+    res : bidsapp.stats.PermutationResult
+    k : int
+        Contrast row of ``res`` (one tested direction, ``g1 > g2``).
+    desc, label : str
+        ``desc`` entity of the map names; analysis name in group_stats.tsv and the summary.
+    g1, g2 : str
+        Direction, written as ``contrast-<g1>Vs<g2>`` and ``'g1-g2'``.
+    mask : numpy.ndarray of bool
+    affine : numpy.ndarray
+    meta : dict
+        Sidecar fields of every map of this direction.
+    t_map : tuple of (numpy.ndarray, str)
+        The ``stat-t`` values and their description.
+    effect : tuple of (str, numpy.ndarray, str)
+        Effect-size map: ``stat`` entity, values, description; its value at the peak goes
+        to ``effect_size``.
+    test : str
+        Test-name prefix; ``_tfce_fwe`` or ``_maxt_fwe`` is appended.
+    report_key : str, default='voxel_maps'
+        Report section the maps are listed in.
+    region_label : str, optional
+        Contrast wording in the summary and report (default ``'g1 > g2'``).
+    """
+    opts = ctx.options
+    infer = res.tfce_p_fwe[k] if opts.tfce else res.p_fwe[k]
+    unc = res.tfce_p_uncorrected[k] if opts.tfce else res.p_uncorrected[k]
+    e_stat, e_values, e_name = effect
+    maps = {"t": t_map, e_stat: (e_values, e_name),
+            "p": (unc, "uncorrected one-sided permutation p"),
+            "pfwe": (infer, "FWE-corrected one-sided permutation p (max statistic)")}
+    if opts.tfce:
+        maps["tfce"] = (res.tfce[k], "TFCE of the GLM t map")
+    for stat, (values, name) in maps.items():
+        vol = np.zeros(mask.shape)
+        vol[mask] = np.nan_to_num(values)
+        ctx.writer.nifti(_statmap_name(desc, g1, g2, stat), vol, affine,
+                         {**meta, **_inference_meta(ctx, res), "Statistic": name})
+    stat_map = res.tfce[k] if opts.tfce else res.t[k]
+    peak = int(np.argmax(stat_map))
+    xyz = nib.affines.apply_affine(affine, np.argwhere(mask)[peak])
+    n_sig = int(np.sum(infer <= opts.alpha))
+    ctx.rows.append(_row(label, "voxel", "peak at (%.0f, %.0f, %.0f) mm" % tuple(xyz), f"{g1}-{g2}",
+                         f"{test}_{'tfce' if opts.tfce else 'maxt'}_fwe", float(stat_map[peak]), res.dof,
+                         float(infer[peak]), float(infer.min()), float(e_values[peak])))
+    wording = region_label or f"{g1} > {g2}"
+    key = f"{label}:{g1}>{g2}" if region_label is None else f"{label}:{region_label.replace(' ', '')}"
+    ctx.summary.setdefault("significant_voxels", {})[key] = n_sig
+    ctx.report.setdefault(report_key, []).append(
+        {"analysis": desc, "contrast": wording, "n_significant": n_sig,
+         "effect": ctx.output_dir / _statmap_name(desc, g1, g2, e_stat), "effect_label": e_name,
+         "effect_stat": e_stat, "pfwe": ctx.output_dir / _statmap_name(desc, g1, g2, "pfwe"),
+         "n_voxels": int(mask.sum()), "tag": f"desc-{_label(desc)}_contrast-{_label(g1)}Vs{_label(g2)}"})
+
+
 def _voxel_contrasts(ctx, desc, label, vec, mask, affine, rows, what):
     """Welch t, d and permutation inference (both directions) for every contrast.
 
@@ -497,46 +589,19 @@ def _voxel_contrasts(ctx, desc, label, vec, mask, affine, rows, what):
         contrast = np.zeros(design.shape[1])
         contrast[:2] = (1.0, -1.0)
         LOGGER.info("%s, %s vs %s: %d permutations%s", label, a, b, opts.n_perm, " + TFCE" if opts.tfce else "")
-        res = stats.permutation_test(
-            vec[pos], design, np.stack([contrast, -contrast]), mask=mask, n_perm=opts.n_perm,
-            tfce=opts.tfce, tfce_steps=opts.tfce_steps, connectivity=opts.connectivity,
-            random_state=ctx.rng, n_jobs=ctx.nprocs, progress=LOGGER.isEnabledFor(logging.INFO))
+        res = _permute(ctx, vec[pos], design, np.stack([contrast, -contrast]), mask)
         t_map = welch.statistic if design.shape[1] == 2 else res.t[0]
         t_name = "Welch t (seed 000 eq. 1)" if design.shape[1] == 2 else "GLM t adjusted for covariates"
         for k, (g1, g2) in enumerate(((a, b), (b, a))):
             sign = 1.0 if k == 0 else -1.0
-            infer = res.tfce_p_fwe[k] if opts.tfce else res.p_fwe[k]
-            unc = res.tfce_p_uncorrected[k] if opts.tfce else res.p_uncorrected[k]
             meta = {"Description": f"{what}: {g1} > {g2}", "Contrast": f"{g1} > {g2}",
                     "NGroup1": int((is_a if k == 0 else ~is_a).sum()),
                     "NGroup2": int((~is_a if k == 0 else is_a).sum()),
-                    "Covariates": list(opts.covariates), "NPermutations": res.n_perm,
-                    "Exhaustive": res.exhaustive, "Scheme": res.scheme,
-                    "Inference": (f"TFCE (H=2, E=0.5, connectivity {opts.connectivity}, "
-                                  f"steps {opts.tfce_steps})" if opts.tfce else "voxelwise max-t")}
-            maps = {"t": (sign * t_map, t_name), "d": (sign * d, "Cohen's d, pooled SD (seed 000 eq. 3)"),
-                    "p": (unc, "uncorrected one-sided permutation p"),
-                    "pfwe": (infer, "FWE-corrected one-sided permutation p (max statistic)")}
-            if opts.tfce:
-                maps["tfce"] = (res.tfce[k], "TFCE of the GLM t map")
-            for stat, (values, name) in maps.items():
-                vol = np.zeros(mask.shape)
-                vol[mask] = np.nan_to_num(values)
-                ctx.writer.nifti(_statmap_name(desc, g1, g2, stat), vol, affine,
-                                 {**meta, "Statistic": name})
-            peak = int(np.argmax(res.tfce[k] if opts.tfce else res.t[k]))
-            xyz = nib.affines.apply_affine(affine, np.argwhere(mask)[peak])
-            n_sig = int(np.sum(infer <= opts.alpha))
-            ctx.rows.append(_row(label, "voxel", "peak at (%.0f, %.0f, %.0f) mm" % tuple(xyz), f"{g1}-{g2}",
-                                 "permutation_tfce_fwe" if opts.tfce else "permutation_maxt_fwe",
-                                 float((res.tfce[k] if opts.tfce else res.t[k])[peak]), res.dof,
-                                 float(infer[peak]), float(infer.min()), float(sign * d[peak])))
-            ctx.summary.setdefault("significant_voxels", {})[f"{label}:{g1}>{g2}"] = n_sig
-            ctx.report.setdefault("voxel_maps", []).append(
-                {"analysis": label, "contrast": f"{g1} > {g2}", "n_significant": n_sig,
-                 "d": ctx.output_dir / _statmap_name(desc, g1, g2, "d"),
-                 "pfwe": ctx.output_dir / _statmap_name(desc, g1, g2, "pfwe"),
-                 "n_voxels": int(mask.sum())})
+                    "Covariates": list(opts.covariates)}
+            _write_direction(ctx, res, k, desc=desc, label=label, g1=g1, g2=g2, mask=mask, affine=affine,
+                             meta=meta, t_map=(sign * t_map, t_name),
+                             effect=("d", sign * d, "Cohen's d, pooled SD (seed 000 eq. 3)"),
+                             test="permutation")
 
 
 def _roi_contrasts(ctx, label, values, names, rows, what):
@@ -839,7 +904,193 @@ def _pooled_voxel_tests(ctx, model, pad, rows):
                                  w.effect_size))
 
 
-def _relevance_maps(ctx):
+@dataclass(frozen=True)
+class _RelevanceTest:
+    """One seed 002 relevance-map analysis: its permutation result and what the maps mean.
+
+    ``directions`` (``(g1, g2)`` for ``contrast-<g1>Vs<g2>``), ``wording`` and the rows of
+    ``effect`` follow the contrast rows of ``result``.
+    """
+
+    result: object
+    directions: tuple
+    wording: tuple
+    effect: np.ndarray
+    effect_stat: str
+    effect_name: str
+    t_name: str
+    meta: dict
+
+
+def _relevance_onesample(vec, mask, options, *, random_state=0, n_jobs=1, label="relevance"):
+    """One-sample test of mean |relevance| > 0 with sign flipping (seed 002 Fig. 5).
+
+    As in the paper (randomise one-sample t on absolute relevance), the null is a
+    distribution of |relevance| symmetric about 0, so it is rejected where relevance is
+    non-zero in most scans; sporadically non-zero voxels keep t near 1.
+
+    Parameters
+    ----------
+    vec : numpy.ndarray, shape (n_scans, n_voxels)
+        Masked relevance maps, one scan per participant.
+    mask : numpy.ndarray of bool
+        The voxels of ``vec`` (C order).
+    options : GroupOptions
+        Permutations, TFCE and connectivity.
+    random_state : int or numpy.random.Generator, default=0
+    n_jobs : int, default=1
+    label : str, default='relevance'
+        Name used in log messages.
+
+    Returns
+    -------
+    _RelevanceTest or None
+        None (with a logged reason) with fewer than 2 scans.
+    """
+    n = vec.shape[0]
+    if n < 2:
+        LOGGER.warning("%s: one-sample test of |relevance| needs >= 2 scans, found %d; skipped", label, n)
+        return None
+    data = np.abs(vec)
+    LOGGER.info("%s, mean |relevance| > 0: %d scans, %d sign flips%s", label, n, options.n_perm,
+                " + TFCE" if options.tfce else "")
+    res = _permutation_test(options, data, np.ones((n, 1)), [[1.0]], mask, random_state, n_jobs)
+    sd = data.std(axis=0, ddof=1)
+    d = np.divide(data.mean(axis=0), sd, out=np.zeros(data.shape[1]), where=sd > 0)
+    return _RelevanceTest(res, (("Mean", "Zero"),), ("mean |relevance| > 0",), d[None],
+                          "d", "one-sample Cohen's d of |relevance| (mean / SD)",
+                          "one-sample t of |relevance|",
+                          {"N": int(n), "Data": "absolute relevance",
+                           "Design": "one-sample t (intercept only); sign flipping"})
+
+
+def _relevance_age_groups(vec, age, mask, options, *, random_state=0, n_jobs=1, label="relevance"):
+    """Young (age <= 40) vs old (age >= 60) two-sample test on relevance (seed 002 Fig. 6a).
+
+    Parameters
+    ----------
+    vec : numpy.ndarray, shape (n_scans, n_voxels)
+        Masked signed relevance maps, one scan per participant.
+    age : numpy.ndarray, shape (n_scans,)
+        Age in years (NaN: not in either group).
+    mask : numpy.ndarray of bool
+    options : GroupOptions
+    random_state : int or numpy.random.Generator, default=0
+    n_jobs : int, default=1
+    label : str, default='relevance'
+
+    Returns
+    -------
+    _RelevanceTest or None
+        Both directions (old > young, young > old) with the pooled-variance t of
+        randomise's unpaired test; None (logged) with fewer than 2 scans in an age group.
+    """
+    age = np.asarray(age, dtype=float)
+    old, young = age >= _OLD_MIN_AGE, age <= _YOUNG_MAX_AGE
+    if old.sum() < 2 or young.sum() < 2:
+        LOGGER.warning("%s: young (age <= %g) vs old (age >= %g) needs >= 2 scans per group, found "
+                       "%d young and %d old; skipped", label, _YOUNG_MAX_AGE, _OLD_MIN_AGE,
+                       young.sum(), old.sum())
+        return None
+    sel = old | young
+    design = np.column_stack([old[sel], young[sel]]).astype(float)
+    LOGGER.info("%s, old vs young: %d + %d scans, %d permutations%s", label, old.sum(), young.sum(),
+                options.n_perm, " + TFCE" if options.tfce else "")
+    res = _permutation_test(options, vec[sel], design, [[1.0, -1.0], [-1.0, 1.0]], mask,
+                            random_state, n_jobs)
+    d = np.nan_to_num(stats.cohens_d(vec[old], vec[young]))
+    return _RelevanceTest(res, (("Old", "Young"), ("Young", "Old")), ("Old > Young", "Young > Old"),
+                          np.stack([d, -d]), "d", "Cohen's d, pooled SD (seed 000 eq. 3)",
+                          "two-sample t, pooled variance",
+                          {"NOld": int(old.sum()), "NYoung": int(young.sum()),
+                           "AgeGroups": {"Young": f"age <= {_YOUNG_MAX_AGE:g} years",
+                                         "Old": f"age >= {_OLD_MIN_AGE:g} years"},
+                           "Design": "two-sample t (old, young indicators)"})
+
+
+def _relevance_pad(vec, pad, age, mask, options, *, random_state=0, n_jobs=1, label="relevance",
+                   pad_name="brain-PAD"):
+    """Relevance ~ brain-PAD with age and age^2 as covariates (seed 002 Fig. S3).
+
+    GLM ``relevance = b0 + b1 PAD + b2 a + b3 a^2`` (``a`` = centred age), tested on ``b1``
+    in both directions with Freedman–Lane permutations. Any brain-PAD correction that is
+    linear in age lies in the covariates' span and leaves ``b1`` and its t unchanged.
+
+    Parameters
+    ----------
+    vec : numpy.ndarray, shape (n_scans, n_voxels)
+        Masked relevance maps, one scan per participant.
+    pad, age : numpy.ndarray, shape (n_scans,)
+        Brain-PAD and age (years); scans with either missing are left out.
+    mask : numpy.ndarray of bool
+    options : GroupOptions
+    random_state : int or numpy.random.Generator, default=0
+    n_jobs : int, default=1
+    label : str, default='relevance'
+    pad_name : str, default='brain-PAD'
+        What ``pad`` is (written to the sidecars).
+
+    Returns
+    -------
+    _RelevanceTest or None
+        The effect size is the partial correlation ``t / sqrt(t^2 + dof)``; None (logged)
+        with fewer than ``_MIN_PAD_SCANS`` scans or a brain-PAD explained by age and age^2.
+    """
+    pad, age = np.asarray(pad, dtype=float), np.asarray(age, dtype=float)
+    ok = np.isfinite(pad) & np.isfinite(age)
+    if ok.sum() < _MIN_PAD_SCANS:
+        LOGGER.warning("%s: relevance ~ brain-PAD needs >= %d scans with brain-PAD and age, found %d; "
+                       "skipped", label, _MIN_PAD_SCANS, ok.sum())
+        return None
+    a = age[ok] - age[ok].mean()       # centred: age and age^2 less collinear (t unchanged)
+    nuisance = np.column_stack([np.ones(a.size), a, a**2])
+    resid = pad[ok] - nuisance @ np.linalg.lstsq(nuisance, pad[ok], rcond=None)[0]
+    if not np.linalg.norm(resid) > 1e-8 * max(np.linalg.norm(pad[ok] - pad[ok].mean()), 1e-300):
+        LOGGER.warning("%s: brain-PAD is a function of age and age^2 here; relevance ~ brain-PAD skipped",
+                       label)
+        return None
+    design = np.column_stack([nuisance[:, 0], pad[ok], nuisance[:, 1:]])
+    LOGGER.info("%s, relevance ~ brain-PAD + age + age^2: %d scans, %d permutations%s", label, ok.sum(),
+                options.n_perm, " + TFCE" if options.tfce else "")
+    res = _permutation_test(options, vec[ok], design, [[0.0, 1.0, 0.0, 0.0], [0.0, -1.0, 0.0, 0.0]],
+                            mask, random_state, n_jobs)
+    r = res.t / np.sqrt(res.t**2 + res.dof)
+    return _RelevanceTest(res, (("PAD", "Zero"), ("Zero", "PAD")), ("PAD slope > 0", "PAD slope < 0"),
+                          r, "r", "partial correlation of relevance with brain-PAD given age, age^2",
+                          "GLM t of the brain-PAD slope adjusted for age and age^2",
+                          {"N": int(ok.sum()), "Regressor": pad_name, "Covariates": ["age", "age^2"],
+                           "Design": "GLM relevance ~ 1 + brain-PAD + age + age^2; Freedman-Lane"})
+
+
+def _model_pad(ctx, per_model, model, rows):
+    """Brain-PAD of the model behind the relevance maps ``desc-<model>``, for ``rows``.
+
+    The bias-corrected brain-PAD of ``group_brainage.tsv``; the uncorrected one when no
+    scan has a corrected value. Returns ``(values, description)``, or ``(None, reason)``.
+    """
+    names = [m for m in per_model if m == model] or [m for m in per_model if _label(m) == model]
+    if not names:
+        return None, f"no *_brainage.tsv rows of model {model!r}"
+    tab = per_model[names[0]]
+    tab = tab[~tab.index.duplicated()]
+    corrected = tab["brain_pad_corrected"].reindex(rows).to_numpy(float)
+    raw = (tab["brain_age"] - tab["age"]).reindex(rows).to_numpy(float)
+    opts = ctx.options
+    if opts.bias_correction == "none":
+        return raw, f"brain-PAD of {names[0]} (no bias correction asked)"
+    if np.isfinite(corrected).any():
+        lost = np.isfinite(raw) & ~np.isfinite(corrected)
+        if lost.any():
+            LOGGER.warning("%s relevance ~ brain-PAD: %d scan(s) without a bias-corrected brain-PAD (e.g. "
+                           "age bins without controls) left out", model, lost.sum())
+        return corrected, f"bias-corrected brain-PAD of {names[0]} ({opts.bias_correction})"
+    LOGGER.warning("%s relevance ~ brain-PAD: no bias-corrected brain-PAD, using the uncorrected brain-PAD "
+                   "(a correction linear in age would not change the result: age is a covariate)", model)
+    return raw, f"uncorrected brain-PAD of {names[0]}"
+
+
+def _relevance_maps(ctx, per_model):
+    """Relevance maps: group contrasts, then the seed 002 analyses (Figs. 5, 6a and S3)."""
     models = sorted({m for maps in ctx.scans["relevancemap"] for m in maps})
     for model in models:
         rows = ctx.scans.index[[model in m for m in ctx.scans["relevancemap"]]].to_numpy()
@@ -848,8 +1099,36 @@ def _relevance_maps(ctx):
         data, affine = _load_maps([ctx.scans.loc[r, "relevancemap"][model] for r in rows], "relevance")
         mask = _analysis_mask(ctx, data, rows)
         label = f"{model}relevance"
-        _voxel_contrasts(ctx, label, label, data[:, mask].astype(np.float64), mask, affine, rows,
-                         f"relevance maps ({model})")
+        vec = data[:, mask].astype(np.float64)
+        del data
+        _voxel_contrasts(ctx, label, label, vec, mask, affine, rows, f"relevance maps ({model})")
+        # one scan per participant: the first of those with a relevance map
+        first = ~ctx.scans.loc[rows, "participant_id"].duplicated().to_numpy()
+        sel, svec = rows[first], vec[first]
+        age = ctx.pheno.loc[sel, "age_years"].to_numpy(float)
+        common = dict(random_state=ctx.rng, n_jobs=ctx.nprocs, label=label)
+        tests = [("absrelevance", "permutation_onesample_abs",
+                  _relevance_onesample(svec, mask, ctx.options, **common)),
+                 ("relevanceagegroup", "permutation_agegroup",
+                  _relevance_age_groups(svec, age, mask, ctx.options, **common))]
+        pad, source = _model_pad(ctx, per_model, model, sel)
+        if pad is None:
+            LOGGER.warning("%s: relevance ~ brain-PAD skipped: %s", label, source)
+        else:
+            LOGGER.info("%s: relevance ~ brain-PAD uses the %s", label, source)
+            tests.append(("relevancepad", "permutation_pad_glm",
+                          _relevance_pad(svec, pad, age, mask, ctx.options, pad_name=source, **common)))
+        for suffix, test_name, test in tests:
+            if test is None:
+                continue
+            for k, ((g1, g2), wording) in enumerate(zip(test.directions, test.wording)):
+                meta = {"Description": f"relevance maps ({model}): {wording}", "Contrast": wording,
+                        **test.meta}
+                _write_direction(ctx, test.result, k, desc=f"{model}{suffix}", label=label, g1=g1, g2=g2,
+                                 mask=mask, affine=affine, meta=meta,
+                                 t_map=(test.result.t[k], test.t_name),
+                                 effect=(test.effect_stat, test.effect[k], test.effect_name),
+                                 test=test_name, report_key="relevance_maps", region_label=wording)
 
 
 # --------------------------------------------------------------------------- runner
@@ -874,7 +1153,10 @@ _STATS_DICT = {
     "level": {"Description": "global (one value per scan), roi (Harvard-Oxford ROI) or voxel",
               "Levels": {"global": "whole-brain", "roi": "region of interest", "voxel": "voxelwise"}},
     "region": {"Description": "ROI name, covariate, age window, or peak location"},
-    "contrast": {"Description": "'A-B' tests A > B (two-sided unless the test says permutation)"},
+    "contrast": {"Description": "'A-B' tests A > B (two-sided unless the test says permutation); "
+                                "relevance analyses: 'Mean-Zero' mean |relevance| > 0, 'Old-Young' / "
+                                "'Young-Old' age groups, 'PAD-Zero' / 'Zero-PAD' positive / negative "
+                                "brain-PAD slope"},
     "test": {"Description": "test name", "Levels": {
         "welch_t": "Welch t-test, Welch-Satterthwaite df (seed 000 eqs. 1-2); effect_size = Cohen's d (eq. 3)",
         "welch_t_gm_volume": "Welch t on ROI GM volume (mm^3); p_corrected Bonferroni over ROIs",
@@ -894,6 +1176,19 @@ _STATS_DICT = {
         "permutation_tfce_fwe": "TFCE permutation inference; statistic = peak TFCE, p = p_FWE at the "
                                 "peak, p_corrected = smallest p_FWE, effect_size = d at the peak",
         "permutation_maxt_fwe": "voxelwise max-t permutation inference (as above, with t)",
+        "permutation_onesample_abs_tfce_fwe": "one-sample TFCE sign-flip test of mean |relevance| > 0 "
+                                              "(seed 002 Fig. 5), one scan per participant; statistic = "
+                                              "peak TFCE, p = p_FWE at the peak, p_corrected = smallest "
+                                              "p_FWE, effect_size = one-sample d at the peak",
+        "permutation_onesample_abs_maxt_fwe": "as permutation_onesample_abs_tfce_fwe, with t",
+        "permutation_agegroup_tfce_fwe": "TFCE two-sample permutation test of relevance, old (age >= 60) vs "
+                                         "young (age <= 40) (seed 002 Fig. 6a); columns as "
+                                         "permutation_tfce_fwe, effect_size = d at the peak",
+        "permutation_agegroup_maxt_fwe": "as permutation_agegroup_tfce_fwe, with t",
+        "permutation_pad_glm_tfce_fwe": "TFCE Freedman-Lane test of the brain-PAD slope in relevance ~ "
+                                        "brain-PAD + age + age^2 (seed 002 Fig. S3); columns as "
+                                        "permutation_tfce_fwe, effect_size = partial r at the peak",
+        "permutation_pad_glm_maxt_fwe": "as permutation_pad_glm_tfce_fwe, with t",
         "icc_2_1": "ICC(2,1), Shrout & Fleiss 1979, first two scans of each repeated participant",
         "icc_fisher_eq4": "Fisher's pairwise ICC (seed 000 eq. 4)"}},
     "statistic": {"Description": "value of the test statistic"},
@@ -968,7 +1263,7 @@ def run_group_level(bids_dir, output_dir, options, *, random_seed=0, nprocs=1):
     _write_brainage_table(ctx, per_model)
     _vbm(ctx)
     _brainage_maps(ctx, per_model)
-    _relevance_maps(ctx)
+    _relevance_maps(ctx, per_model)
 
     stats_table = pd.DataFrame(ctx.rows, columns=_STATS_COLUMNS)
     ctx.writer.tsv("group_stats.tsv", stats_table, _STATS_DICT)

@@ -3,7 +3,11 @@
 The outputs are written under the participant level's names: modulated GM maps with a
 planted GM loss in group PT (a ball), brain masks, ``*_brainage.tsv`` rows with a planted
 brain-PAD offset and an age bias, voxel brain-age maps with a planted regional offset,
-and a second session for four participants (ICC).
+relevance maps (seed 002 analyses) and a second session for four participants (ICC).
+
+Relevance maps are dense in the half x >= 10 of the grid and sparse elsewhere (one-sample
+test of |relevance|), rise with age in one ball (old vs young) and follow the age-free
+part of brain-PAD in another (relevance ~ brain-PAD + age + age^2).
 """
 
 from __future__ import annotations
@@ -25,10 +29,11 @@ SHAPE = (20, 24, 20)
 AFFINE = np.array([[2.0, 0, 0, -20], [0, 2.0, 0, -30], [0, 0, 2.0, -14], [0, 0, 0, 1]])
 CENTRE, RADIUS = np.array([6, 12, 10]), 3.0
 MAP = f"space-{SPACE}_res-2_desc-{{}}_contrast-{{}}_stat-{{}}_statmap.nii.gz"
+REL_AGE, REL_PAD = np.array([15, 6, 10]), np.array([15, 17, 10])   # relevance balls (radius 3)
 
 
-def _distance():
-    return np.sqrt(np.sum((np.indices(SHAPE) - CENTRE[:, None, None, None]) ** 2, axis=0))
+def _distance(centre=CENTRE):
+    return np.sqrt(np.sum((np.indices(SHAPE) - centre[:, None, None, None]) ** 2, axis=0))
 
 
 def _noise(rng, sd):
@@ -51,6 +56,9 @@ def make_dataset(root, *, n_per_group=12, n_repeat=4, seed=0, with_maps=True):
     (bids / "participants.tsv").write_text("\n".join(rows) + "\n")
     (bids / "participants.json").write_text(json.dumps({"age": {"Units": "years"}}))
     blob = _distance() <= RADIUS
+    # relevance maps draw from a generator of their own: the other planted data stay as they were
+    rel_rng = np.random.default_rng([seed, 2])
+    dense = np.indices(SHAPE)[0] >= 10
     for i in range(n):
         sessions = ["A", "B"] if i < n_repeat else [None]
         gm = 0.5 + _noise(rng, 0.04) - (0.08 * blob if groups[i] == "PT" else 0)
@@ -67,6 +75,12 @@ def make_dataset(root, *, n_per_group=12, n_repeat=4, seed=0, with_maps=True):
             anat.mkdir(parents=True, exist_ok=True)
             retest = _noise(rng, 0.01) if ses else 0.0
             if with_maps:
+                sparse = np.where(rel_rng.random(SHAPE) < 0.05, rel_rng.normal(0, 2, SHAPE), 0.0)
+                relevance = np.where(dense, _noise(rel_rng, 1.0), sparse) \
+                    + 2.0 * (ages[i] - 52) / 15 * (_distance(REL_AGE) <= RADIUS) \
+                    + 0.5 * (pad - bias) * (_distance(REL_PAD) <= RADIUS)
+                nib.save(nib.Nifti1Image(relevance.astype(np.float32), AFFINE),
+                         anat / f"{prefix}_space-{SPACE}_res-2_desc-alpha_relevancemap.nii.gz")
                 nib.save(nib.Nifti1Image((gm + retest).astype(np.float32), AFFINE),
                          anat / f"{prefix}_space-{SPACE}_res-2_label-GM_desc-modulated_probseg.nii.gz")
                 nib.save(nib.Nifti1Image(np.ones(SHAPE, np.uint8), AFFINE),
@@ -150,6 +164,45 @@ def test_voxel_brain_pad_detects_the_planted_region(dataset, run):
     stats = pd.read_csv(out / "group_stats.tsv", sep="\t")
     pooled = stats[(stats.test == "welch_t_pooled_voxels") & (stats.model == "alpha")].iloc[0]
     assert pooled["statistic"] > 0 and pooled["df"] > 1000
+
+
+def test_relevance_map_analyses_of_seed_002(dataset, run):
+    """|relevance| where dense, old > young in the age ball, PAD slope in the PAD ball only."""
+    _, out = dataset
+    x, d_age, d_pad = np.indices(SHAPE)[0], _distance(REL_AGE), _distance(REL_PAD)
+    p_abs = _map(out, "alphaabsrelevance", "MeanVsZero", "pfwe")
+    assert np.all(p_abs[x >= 12] <= 0.05) and not np.any(p_abs[x <= 7] <= 0.05)
+    p_old = _map(out, "alpharelevanceagegroup", "OldVsYoung", "pfwe")
+    assert np.all(p_old[d_age <= 2] <= 0.05) and not np.any(p_old[d_age >= 7] <= 0.05)
+    assert not np.any(_map(out, "alpharelevanceagegroup", "YoungVsOld", "pfwe") <= 0.05)
+    p_pad = _map(out, "alpharelevancepad", "PADVsZero", "pfwe")
+    assert np.all(p_pad[d_pad <= 2] <= 0.05)
+    assert not np.any(p_pad[d_age <= RADIUS + 1] <= 0.05)          # age, not brain-PAD
+    assert not np.any(p_pad[d_pad >= 7] <= 0.05)
+    assert not np.any(_map(out, "alpharelevancepad", "ZeroVsPAD", "pfwe") <= 0.05)
+    assert np.median(_map(out, "alpharelevancepad", "PADVsZero", "r")[d_pad <= 2]) > 0.5
+    for desc, contrast, stat in (("alphaabsrelevance", "MeanVsZero", "d"), ("alpharelevanceagegroup",
+                                 "YoungVsOld", "tfce"), ("alpharelevancepad", "ZeroVsPAD", "t")):
+        assert (out / MAP.format(desc, contrast, stat)).is_file()
+    meta = json.loads((out / MAP.format("alpharelevancepad", "PADVsZero", "t").replace(".nii.gz", ".json"))
+                      .read_text())
+    assert meta["Regressor"] == "bias-corrected brain-PAD of alpha (linear-age)"
+    assert meta["Covariates"] == ["age", "age^2"] and meta["NPermutations"] == 100 and meta["N"] == 24
+    meta = json.loads((out / MAP.format("alpharelevanceagegroup", "OldVsYoung", "d").replace(".nii.gz", ".json"))
+                      .read_text())
+    assert (meta["NOld"], meta["NYoung"]) == (11, 8)                # ages <= 40 and >= 60 of the fixture
+    stats = pd.read_csv(out / "group_stats.tsv", sep="\t").set_index(["test", "contrast"])
+    rel = stats[stats.model == "alpharelevance"]
+    for test, contrast, df in (("permutation_onesample_abs_tfce_fwe", "Mean-Zero", 23),
+                               ("permutation_agegroup_tfce_fwe", "Old-Young", 17),
+                               ("permutation_pad_glm_tfce_fwe", "PAD-Zero", 20)):
+        row = rel.loc[(test, contrast)]
+        assert row["p"] <= 0.05 and row["p_corrected"] <= 0.05 and row["df"] == df and row["statistic"] > 0
+    assert rel.loc[("permutation_pad_glm_tfce_fwe", "Zero-PAD"), "p_corrected"] > 0.05
+    assert run.summary["significant_voxels"]["alpharelevance:Old>Young"] > 30
+    assert run.summary["significant_voxels"]["alpharelevance:PADslope<0"] == 0
+    html = (out / "group.html").read_text()
+    assert "Relevance maps" in html and "group_desc-alpharelevancepad_contrast-PADVsZero_stat-r" in html
 
 
 def test_global_brain_pad_statistics(dataset, run):

@@ -106,28 +106,29 @@ def _safe(text):
 
 
 def _map_figures(output_dir, entry, alpha):
-    """Slices of the d map and glass brain of the FWE map for one directed contrast."""
+    """Slices of the effect-size map and glass brain of the FWE map for one directed contrast."""
     import nibabel as nib
     from nilearn import datasets, plotting
 
     parts = []
-    d_img = nib.load(entry["d"])
+    d_img = nib.load(entry["effect"])
+    e_label, e_stat = entry.get("effect_label", "Cohen's d"), entry.get("effect_stat", "d")
     p_img = nib.load(entry["pfwe"])
     mask = np.asarray(p_img.dataobj) > 0
     if not mask.any():
         return parts
     mask_img = nib.Nifti1Image(mask.astype(np.uint8), p_img.affine)
-    tag = f"desc-{_safe(entry['analysis'])}_contrast-{_safe(entry['contrast'])}"
+    tag = entry.get("tag") or f"desc-{_safe(entry['analysis'])}_contrast-{_safe(entry['contrast'])}"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
             cuts = cuts_from_mask(mask_img, n_cuts=6, axes=("z",))
             fig = plot_overlay(datasets.MNI152_FILE_PATH, d_img, cuts=cuts, cmap="RdBu_r",
-                               label="Cohen's d", title=f"{entry['analysis']}: {entry['contrast']} (d)")
-            path = _save(fig, output_dir, f"{tag}_stat-d")
-            parts.append(_img_tag(output_dir, path, f"{entry['analysis']}, {entry['contrast']}: Cohen's d"))
+                               label=e_label, title=f"{entry['analysis']}: {entry['contrast']} ({e_stat})")
+            path = _save(fig, output_dir, f"{tag}_stat-{_safe(e_stat)}")
+            parts.append(_img_tag(output_dir, path, f"{entry['analysis']}, {entry['contrast']}: {e_label}"))
         except Exception as exc:  # a figure must never stop the report
-            LOGGER.warning("d map figure failed: %s", exc)
+            LOGGER.warning("%s map figure failed: %s", e_stat, exc)
         sig = np.where(mask & (np.asarray(p_img.dataobj) <= alpha),
                        1.0 - np.asarray(p_img.dataobj, dtype=float), 0.0)
         try:
@@ -228,7 +229,7 @@ def write_group_report(output_dir, data):
     data : dict
         What :func:`bidsapp.group.run_group_level` collected: ``options``, ``summary``,
         ``stats`` (the group_stats table), and optionally ``brainage``, ``voxel_maps``,
-        ``roi_tables`` and ``icc``.
+        ``relevance_maps``, ``roi_tables`` and ``icc``.
 
     Returns
     -------
@@ -250,14 +251,24 @@ def write_group_report(output_dir, data):
         parts = _age_figures(output_dir, brainage)
         glob = stats_table[stats_table["level"] == "global"]
         sections.append("<h2>Brain age</h2>" + "".join(parts) + "<h3>Global statistics</h3>" + _table(glob))
-    maps = data.get("voxel_maps", [])
-    if maps:
-        parts = []
+    # relevance analyses: figures only where something survived (up to 5 directions per model)
+    for key, title, intro, all_figures in (
+            ("voxel_maps", "Voxelwise group differences", "", True),
+            ("relevance_maps", "Relevance maps (Hofmann et al.)",
+             "<p>One scan per participant: one-sample sign-flip test of |relevance| (where relevance is "
+             "consistently non-zero), old (age &ge; 60) vs young (age &le; 40), and the brain-PAD slope "
+             "with age and age&sup2; as covariates (Freedman-Lane; effect size: partial r). Figures "
+             "are shown for directions with significant voxels.</p>", False)):
+        maps = data.get(key, [])
+        if not maps:
+            continue
+        parts = [intro]
         for entry in maps:
             parts.append(f"<h3>{_e(entry['analysis'])}: {_e(entry['contrast'])}</h3><p>{entry['n_significant']}"
                          f" of {entry['n_voxels']} voxels at p_FWE &le; {alpha}.</p>")
-            parts.extend(_map_figures(output_dir, entry, alpha))
-        sections.append("<h2>Voxelwise group differences</h2>" + "".join(parts))
+            if all_figures or entry["n_significant"]:
+                parts.extend(_map_figures(output_dir, entry, alpha))
+        sections.append(f"<h2>{title}</h2>" + "".join(parts))
     rois = data.get("roi_tables", [])
     if rois:
         parts = []
