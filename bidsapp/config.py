@@ -66,6 +66,23 @@ class RunConfig:
         """The settings as indented JSON."""
         return json.dumps(self.to_dict(), indent=2, default=str)
 
+    @property
+    def record_path(self) -> Path:
+        """Where the run records its settings: ``<output_dir>/logs/config-<run_uuid>.json``."""
+        return self.output_dir / "logs" / f"config-{self.run_uuid}.json"
+
+    def record(self) -> Path:
+        """Write the settings to :attr:`record_path` (atomically; idempotent).
+
+        Called once the inputs have passed their checks, so that a refused run leaves nothing
+        in ``output_dir``.
+        """
+        from .derivatives import write_json
+
+        if not self.record_path.is_file():
+            write_json(self.record_path, self.to_dict())
+        return self.record_path
+
     @classmethod
     def from_json(cls, text: str) -> "RunConfig":
         """Rebuild a configuration written by :meth:`to_json`."""

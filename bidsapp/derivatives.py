@@ -10,6 +10,7 @@ output directory never see each other's partial files.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -22,6 +23,7 @@ from typing import IO, Any, Iterator, Mapping, Sequence
 
 from . import __version__
 from .config import MODEL_IDS
+from .errors import NotWritableError
 
 __all__ = [
     "APP_NAME",
@@ -54,6 +56,9 @@ _SOURCE_ENTITIES = (("sub", "subject"), ("ses", "session"), ("acq", "acquisition
                     ("ce", "ceagent"), ("rec", "reconstruction"), ("run", "run"))
 _LABEL_RE = re.compile(r"^[A-Za-z0-9]+$")
 _ENTITY_RE = re.compile(r"(?:^|_)(sub|ses|acq|ce|rec|run)-([A-Za-z0-9]+)")
+
+# errno values of a full disk or quota: the output cannot be written, through no bug.
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 BRAINAGE_COLUMNS = ("model", "brain_age", "brain_age_lower", "brain_age_upper", "age", "brain_pad")
 
@@ -173,12 +178,21 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]
         Final destination; parent directories are created.
     mode : {'wb', 'w'}
         Binary or text (UTF-8, ``\\n`` newlines) mode.
+
+    Raises
+    ------
+    NotWritableError
+        When the disk or quota is full or the file system is read-only (or the file cannot be
+        created for lack of permission); the message names ``path``.
     """
     if mode not in ("wb", "w"):
         raise ValueError(f"mode must be 'wb' or 'w', got {mode!r}")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    except OSError as exc:
+        raise _write_error(path, exc, creating=True) from exc
     try:
         kwargs = {"encoding": "utf-8", "newline": "\n"} if mode == "w" else {}
         with os.fdopen(fd, mode, **kwargs) as handle:
@@ -187,10 +201,26 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]
             os.fsync(handle.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        error = _write_error(path, exc) if isinstance(exc, OSError) else exc
+        if error is not exc:
+            raise error from exc
         raise
+
+
+def _write_error(path: Path, exc: OSError, *, creating: bool = False) -> OSError:
+    """A full disk, a quota or a read-only file system (and, while creating the file, a
+    permission error) as one line naming the file (exit 73); other errors unchanged."""
+    if exc.errno in _NO_SPACE:
+        advice = "free disk space or raise the quota (or choose another output/work dir)"
+    elif exc.errno == errno.EROFS or creating and exc.errno in (errno.EACCES, errno.EPERM):
+        advice = "choose a writable output/work dir (bind it read-write in a container)"
+    else:
+        return exc
+    return NotWritableError(f"{path} could not be written ({exc.strerror}): {advice}, then rerun; "
+                            "finished files are kept, nothing is left half-written")
 
 
 def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
@@ -258,6 +288,7 @@ def write_dataset_description(output_dir: str | os.PathLike, bids_dir: str | os.
 
 _BIDSIGNORE = ("*.html", "logs", "log", "figures", "*_xfm.*", "*_qc.json", "*_brainage.tsv",
                "*_brainage.json", "*_brainagemap.*", "*_relevancemap.*", "*_statmap.*",
+               "*_brainpadmap.*", "*_brainagesdmap.*", "*_brainageroi.*",
                "group_*", "desc-*_biasfit.json")
 
 
@@ -446,7 +477,8 @@ def write_model_derivatives(output_dir: str | os.PathLike, source: SourceEntitie
     predictions : sequence of mappings
         One per model, as written by the model interfaces (:mod:`bidsapp.interfaces.models`):
         ``model``, ``brain_age``, ``brain_age_lower``, ``brain_age_upper``, ``details`` and
-        ``maps`` (each ``file``, ``suffix``, optional ``space``, ``res``, ``meta``).
+        ``maps`` (each ``file``, ``suffix``, optional ``space``, ``res``, ``meta`` and
+        ``extension``, default ``.nii.gz``; a ``.tsv`` gets its ``meta`` as data dictionary).
     age : float, optional
         Chronological age (years) for the ``age`` and ``brain_pad`` columns.
 
@@ -470,7 +502,8 @@ def write_model_derivatives(output_dir: str | os.PathLike, source: SourceEntitie
                      "brain_age_upper": pred.get("brain_age_upper"), "age": age})
         for item in pred.get("maps", []):
             dst = derivative_path(out, source, space=item.get("space"), res=item.get("res"),
-                                  desc=pred["model"].replace("-", ""), suffix=item["suffix"])
+                                  desc=pred["model"].replace("-", ""), suffix=item["suffix"],
+                                  extension=item.get("extension", ".nii.gz"))
             written.append(atomic_copy(item["file"], dst))
             meta = {**item.get("meta", {}), "Model": pred["model"], "Sources": sources,
                     "SpatialReference": TEMPLATE_URL if item.get("space") else sources[0]}

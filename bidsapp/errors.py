@@ -61,11 +61,11 @@ class PhenotypeError(BrainageError, ValueError):
 
 
 class InputMissingError(BrainageError, FileNotFoundError):
-    """``bids_dir`` or another required input does not exist (exit 66)."""
+    """``bids_dir`` or another required input (e.g. any T1w image) does not exist (exit 66)."""
 
 
 class NotWritableError(BrainageError, PermissionError):
-    """The output or work directory cannot be created or written (exit 73)."""
+    """The output or work directory cannot be created or written, e.g. disk full (exit 73)."""
 
 
 class ModelError(BrainageError, ValueError):

@@ -2,14 +2,20 @@
 
 Refused with :class:`~bidsapp.errors.ImageError` (one line naming the file and what to do):
 
-* unreadable, corrupt or truncated files; complex or RGB data; a singular affine;
+* unreadable, corrupt or truncated files (a gzip stream is checked to its CRC, which reading the
+  voxels alone does not reach); complex or RGB data; a singular affine;
 * 2D images, 4D images with more than one volume (a trailing singleton 4th dimension is dropped);
 * voxel sizes below 0.3 mm or above 8 mm, a field of view under 60 mm along any axis;
 * constant (e.g. all-zero) images, and images with fewer than 16 distinct values (masks, labels);
 * images with more than 1 % non-finite (NaN/Inf) voxels.
 
 Repaired with a warning: up to 1 % non-finite voxels are set to 0 (some converters write NaN
-outside the reconstructed field of view; they carry no signal).
+outside the reconstructed field of view; they carry no signal); intensities above 1e6 (a wrong
+``scl_slope``, or values beyond float32) are divided by a power of ten -- every stage and model
+normalises intensities, so only the scale of ``desc-preproc_T1w`` changes.
+
+Warned about: a header whose qform and sform disagree (the sform is used, as nibabel does), or
+that has neither (the orientation is then unknown).
 
 Flagged (processing goes on; the flags and warnings reach the QC file):
 
@@ -18,13 +24,17 @@ Flagged (processing goes on; the flags and warnings reach the QC file):
 * ``oblique``: voxel axes more than 1 degree off the world axes (handled exactly: all stages
   use the full affine).
 
-A missing file raises :class:`~bidsapp.errors.InputMissingError`.
+A missing file (or a symbolic link to one, e.g. unfetched DataLad content) raises
+:class:`~bidsapp.errors.InputMissingError`.
 """
 
 from __future__ import annotations
 
+import gzip
 import logging
+import math
 import os
+import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -55,6 +65,9 @@ _OBLIQUE_DEG = 1.0
 _MIN_FOV_MM = 60.0
 _MAX_NONFINITE_FRACTION = 0.01
 _MIN_DISTINCT_VALUES = 16
+_MAX_INTENSITY = 1e6
+_RESCALED_PEAK = 1e4
+_XFORM_TOLERANCE_MM = 0.5
 
 
 @dataclass
@@ -97,10 +110,31 @@ def _refuse(path: Path, problem: str, advice: str) -> ImageError:
     return ImageError(f"{path}: {problem}. {advice}")
 
 
+def _check_gzip(path: Path) -> None:
+    """Read a gzip file to its end: only there are its CRC and length checked."""
+    try:
+        with open(path, "rb") as raw:
+            if raw.read(2) != b"\x1f\x8b":
+                return
+        with gzip.open(path, "rb") as stream:
+            while stream.read(1 << 24):
+                pass
+    except (OSError, EOFError, zlib.error) as exc:
+        raise _refuse(path, f"is corrupt or truncated (gzip stream: {type(exc).__name__}: {exc})",
+                      "Copy or convert the file again (`gzip -t` tests a file)") from exc
+
+
 def _load(path: Path) -> tuple[nib.Nifti1Image, np.ndarray]:
     """Read header and data; any failure becomes an ImageError naming the file."""
     if not path.exists():
+        if path.is_symlink():
+            raise InputMissingError(
+                f"{path}: is a symbolic link to {os.readlink(path)}, which does not exist. If the "
+                "dataset is a DataLad/git-annex dataset, fetch the content first (datalad get)")
         raise InputMissingError(f"{path}: T1w image not found")
+    if path.stat().st_size == 0:
+        raise _refuse(path, "is an empty (0-byte) file", "Copy or convert the scan again")
+    _check_gzip(path)
     try:
         img = nib.load(str(path))
     except Exception as exc:  # noqa: BLE001 - nibabel raises many types for bad files
@@ -137,6 +171,37 @@ def _geometry(path: Path, img: nib.Nifti1Image, data: np.ndarray) -> np.ndarray:
     return data
 
 
+def _xform_warnings(img: nib.Nifti1Image, shape: tuple[int, ...]) -> list[str]:
+    """Warnings about the header's two orientations (qform, sform)."""
+    header = img.header
+    qform, qcode = header.get_qform(coded=True)
+    sform, scode = header.get_sform(coded=True)
+    if not qcode and not scode:
+        return ["the header has neither a qform nor an sform (both codes 0): orientation and "
+                "left/right are unknown; fix the header (e.g. re-convert with dcm2niix)"]
+    if qform is None or sform is None:
+        return []
+    corners = np.array(np.meshgrid(*[(0, n - 1) for n in shape[:3]], indexing="ij")).reshape(3, -1)
+    corners = np.vstack([corners, np.ones(corners.shape[1])])
+    gap = float(np.linalg.norm((qform - sform) @ corners, axis=0).max())
+    if gap <= _XFORM_TOLERANCE_MM:
+        return []
+    return [f"the qform and sform of the header disagree by up to {gap:.1f} mm over the field of "
+            "view; brainage uses the sform (as nibabel and FSL do): check which one is correct "
+            "(e.g. fslhd) and fix the header"]
+
+
+def _rescale(data: np.ndarray, warnings: list[str]) -> np.ndarray:
+    """float32 data, divided by a power of ten when its peak would overflow or is implausible."""
+    peak = float(np.abs(data).max()) if data.size else 0.0
+    if not peak > _MAX_INTENSITY:
+        return data.astype(np.float32, copy=False)
+    exponent = math.ceil(math.log10(peak / _RESCALED_PEAK))
+    warnings.append(f"intensities up to {peak:.3g} were divided by 1e{exponent} (check the scaling "
+                    "(scl_slope) of the header; brain age does not depend on the intensity scale)")
+    return (data.astype(np.float64) / 10.0 ** exponent).astype(np.float32)
+
+
 def _obliquity_deg(affine: np.ndarray) -> float:
     lin = np.asarray(affine, dtype=float)[:3, :3]
     unit = lin / np.linalg.norm(lin, axis=0)
@@ -156,16 +221,17 @@ def _inspect(path: Path) -> tuple[nib.Nifti1Image, np.ndarray, T1wInspection]:
     if fov.min() < _MIN_FOV_MM:
         raise _refuse(path, f"covers only {np.round(fov, 1).tolist()} mm",
                       f"brainage needs the whole brain (at least {_MIN_FOV_MM:g} mm along each axis)")
-    warnings: list[str] = []
-    data = data.astype(np.float32, copy=False)
-    finite = np.isfinite(data)
+    warnings: list[str] = _xform_warnings(img, data.shape)
+    # non-finite voxels are counted in the stored type: float64 values beyond float32 are not NaN
+    finite = np.isfinite(data) if data.dtype.kind == "f" else np.ones(data.shape, bool)
     n_bad = int(data.size - np.count_nonzero(finite))
     if n_bad:
         if n_bad > _MAX_NONFINITE_FRACTION * data.size:
             raise _refuse(path, f"has {n_bad} NaN/Inf voxels ({100 * n_bad / data.size:.1f} %)",
                           "Re-export the image; brainage repairs at most 1 % non-finite voxels")
-        data = np.where(finite, data, np.float32(0.0))
+        data = np.where(finite, data, 0)
         warnings.append(f"{n_bad} NaN/Inf voxels were set to 0")
+    data = _rescale(data, warnings)
     lo, hi = float(data.min()), float(data.max())
     if hi <= lo:
         raise _refuse(path, f"is constant (every voxel is {lo:g})", "Check the conversion of this scan")

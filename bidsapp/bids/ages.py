@@ -123,6 +123,11 @@ def to_years(value: Any, unit: str | None, *, where: str) -> tuple[float | None,
         raise AgeError(f"{where}: age {text!r} is negative; ages must be >= 0")
     if plus and not math.isclose(number, 89.0):
         raise AgeError(f"{where}: age {text!r}: only '89+' is a recognised censored age")
+    if plus and years != number:
+        # the privacy cap is 89 *years*; 89+ in months (7.4 y) would be a silent misreading
+        raise AgeError(f"{where}: age {text!r} is the censored age in years, but the unit here is "
+                       f"{unit or inline_unit!r}; write ages of 89 years and over as 89+ in a column "
+                       "in years")
     if years > 120:
         raise AgeError(f"{where}: age {text!r} ({years:.1f} y) is implausible; check the units")
     return years, plus

@@ -115,8 +115,10 @@ def collect_t1w_units(bids_dir: str | Path, *, participant_labels: Sequence[str]
 
     Raises
     ------
+    InputMissingError
+        When ``bids_dir`` is not a BIDS dataset, or it (or the requested participants) has no T1w.
     EmptySelectionError
-        When a requested label does not exist or the query matches nothing.
+        When a requested label does not exist or the session labels or filters exclude every T1w.
     """
     from bids import BIDSLayout
     from bids.layout import BIDSLayoutIndexer
@@ -150,6 +152,14 @@ def collect_t1w_units(bids_dir: str | Path, *, participant_labels: Sequence[str]
     except (ValueError, TypeError) as exc:
         raise UsageError(f"invalid BIDS query {query}: {exc}") from exc
     if not files:
+        # No T1w at all (for these participants) is missing input (66, as BEP027 recommends);
+        # T1w images that the session labels or filters exclude are an empty selection (18).
+        default = dict(DEFAULT_QUERY, **({"subject": list(participant_labels)} if participant_labels else {}))
+        if not layout.get(return_type="file", **_to_pybids(default)):
+            whose = f" for sub-{', sub-'.join(participant_labels)}" if participant_labels else ""
+            raise InputMissingError(
+                f"{bids_dir} has no T1w image{whose}: brainage needs "
+                "sub-<label>/[ses-<label>/]anat/sub-<label>[_ses-<label>][_...]_T1w.nii[.gz]")
         raise EmptySelectionError(f"no T1w image in {bids_dir} matches the selection {query}; "
                                   "check --participant-label/--session-label/--bids-filter-file")
     units = []

@@ -16,6 +16,7 @@ def run_group(config: RunConfig) -> None:
     """Build :class:`bidsapp.group.GroupOptions` from the run configuration and run it."""
     from ..group import GroupOptions, run_group_level
 
+    config.record()  # output_dir already holds the participant outputs
     overrides = dict(config.group_options)
     analysis_file = overrides.pop("analysis_file", None)
     options = GroupOptions.from_json(analysis_file) if analysis_file else GroupOptions()

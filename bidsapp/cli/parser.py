@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -31,9 +32,9 @@ EXIT_CODES = {
     18: "the selection (labels/filters) matched no T1w",
     64: "usage error: contradictory/unknown options, output_dir is bids_dir or inside it",
     65: "unreadable/corrupt/unusable image, unparsable age, unknown phenotype column, bad weights",
-    66: "bids_dir (or another input) missing",
+    66: "bids_dir missing or not a BIDS dataset, no T1w image, or another input file missing",
     70: "internal error (please report it with the -v output)",
-    73: "output or work directory not writable",
+    73: "output or work directory not writable (permissions, read-only file system, disk full)",
     130: "interrupted (SIGINT/SIGTERM); rerun with the same work dir to resume",
 }
 
@@ -52,6 +53,19 @@ def _add(group: argparse._ActionsContainer, *flags: str, **kwargs) -> None:
     group.add_argument(*spellings, **kwargs)
 
 
+class _BoutiquesAction(argparse.Action):
+    """``--boutiques``: print the Boutiques descriptor of this parser and exit (as --version)."""
+
+    def __init__(self, option_strings, dest, help=None):
+        super().__init__(option_strings, dest=dest, default=argparse.SUPPRESS, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from .boutiques import descriptor_json
+
+        parser._print_message(descriptor_json(parser), sys.stdout)
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (no validation beyond types)."""
     parser = argparse.ArgumentParser(
@@ -67,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("analysis_level", nargs="+", metavar="{participant,group}",
                         help="processing stage(s): 'participant' then 'group' (both may be given)")
     parser.add_argument("--version", action="version", version=f"brainage v{__version__}")
+    parser.add_argument("--boutiques", "--bids-exec-spec", action=_BoutiquesAction,
+                        help="print the Boutiques descriptor (JSON) of this command line and exit")
 
     sel = parser.add_argument_group("selecting data")
     _add(sel, "--participant-label", nargs="+", metavar="LABEL",
@@ -143,11 +159,19 @@ def parse_mem_gb(text: str | None) -> float | None:
 
 
 def _check_writable(path: Path, what: str) -> None:
+    """Probe that ``path`` can be created and written; leave the file system as it was.
+
+    A refused run must not leave empty output or work directories behind, so the folders
+    created for the probe are removed again; the run creates them when it starts writing.
+    """
+    created = [p for p in (path, *path.parents) if not p.exists()]
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".brainage-write-test-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
+        for folder in created:  # deepest first
+            folder.rmdir()
     except OSError as exc:
         raise NotWritableError(f"{what} {path} is not writable ({exc.strerror or exc}); "
                                f"choose a directory you can write to") from exc

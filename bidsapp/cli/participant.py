@@ -35,6 +35,25 @@ def _preflight(units: list[T1wUnit]) -> tuple[list[T1wUnit], list[tuple[T1wUnit,
     return good, bad
 
 
+def _flag_age_range(units: list[T1wUnit], cards: dict[str, dict]) -> None:
+    """Warn (log and QC file) where a chronological age lies outside a model's training ages.
+
+    The prediction is still made: it is an extrapolation, and the flag says so.
+    """
+    from ..inference.registry import training_age_range
+
+    for model, card in cards.items():
+        ages = training_age_range(card)
+        if ages is None:
+            continue
+        for unit in units:
+            age = unit.info.age
+            if age is not None and not ages[0] <= age <= ages[1]:
+                unit.info.warnings.append(
+                    f"age {age:.1f} y is outside the ages {model} was trained on ({ages[0]:g}-"
+                    f"{ages[1]:g} y): its brain age is an extrapolation; interpret it with care")
+
+
 def _plugin(config: RunConfig, n_units: int) -> tuple[str, dict]:
     if config.nprocs == 1 or n_units == 1 and config.nprocs <= config.omp_nthreads:
         return "Linear", {}
@@ -71,23 +90,25 @@ def run_participant_level(config: RunConfig) -> None:
 
     Raises
     ------
-    BIDSValidationError, EmptySelectionError, ImageError, AgeError
+    BIDSValidationError, EmptySelectionError, InputMissingError, ImageError, AgeError, ModelError
         Before any processing starts.
     ParticipantFailure
         When some T1w images failed while others were processed.
     """
     from ..derivatives import write_bidsignore, write_dataset_description
     from ..inference import resolve_models
+    from ..inference.registry import verify_models
     from ..workflows.base import init_brainage_wf
 
     if not config.skip_bids_validation:
         validate_dataset(config.bids_dir)
     units = collect_t1w_units(config.bids_dir, participant_labels=config.participant_labels,
                               session_labels=config.session_labels, query=config.bids_filters)
+    models = resolve_models(config.models)
+    _flag_age_range(units, verify_models(models))
     for unit in units:
         for warning in unit.info.warnings:
             LOGGER.warning("%s: %s", unit.relpath, warning)
-    models = resolve_models(config.models)
     good, bad = _preflight(units)
     if len(bad) == 1 and not good:
         raise ImageError(bad[0][1])
@@ -98,6 +119,7 @@ def run_participant_level(config: RunConfig) -> None:
     LOGGER.log(25, "processing %d T1w image(s) of %d participant(s) with %d process(es); models: %s",
                len(good), len({u.source.subject for u in good}), config.nprocs,
                ", ".join(models) or "none (preprocessing only)")
+    config.record()
     write_dataset_description(config.output_dir, config.bids_dir)
     write_bidsignore(config.output_dir)
 

@@ -5,6 +5,7 @@ This is the only module that decides exit codes (see :data:`bidsapp.cli.parser.E
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -49,11 +50,15 @@ def exit_code_for(exc: BaseException) -> int:
     18
     >>> exit_code_for(RuntimeError("bug"))
     70
+    >>> exit_code_for(OSError(errno.ENOSPC, "No space left on device"))
+    73
     """
     if isinstance(exc, (KeyboardInterrupt, _Terminated)):
         return 130
     if isinstance(exc, PermissionError) and not isinstance(exc, err.BrainageError):
         return 73
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+        return 73  # a full disk or quota, a read-only file system: nothing the app can fix
     for cls, code in _EXIT:
         if isinstance(exc, cls):
             return code
@@ -87,9 +92,7 @@ def _set_thread_env(omp_nthreads: int, seed: int) -> None:
 
 def run(config: RunConfig) -> None:
     """Run the requested levels; raise typed errors for the caller to map."""
-    from ..derivatives import write_json
-
-    write_json(config.output_dir / "logs" / f"config-{config.run_uuid}.json", config.to_dict())
+    # the participant level records the settings itself, after its input checks
     if "participant" in config.analysis_levels:
         from .participant import run_participant_level
 

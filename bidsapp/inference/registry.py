@@ -17,7 +17,8 @@ from ..config import MODEL_IDS
 from ..errors import ModelError
 from ..jsonfiles import read_json_file
 
-__all__ = ["models_dir", "available_models", "read_card", "require_family", "resolve_models"]
+__all__ = ["models_dir", "available_models", "read_card", "require_family", "resolve_models",
+           "verify_models", "training_age_range"]
 
 LOGGER = logging.getLogger("brainage.inference")
 
@@ -99,3 +100,43 @@ def resolve_models(requested: Sequence[str]) -> list[str]:
         raise ModelError(f"model(s) {', '.join(missing)} have no weights in {models_dir()} "
                          f"(shipped: {', '.join(shipped) or 'none'}); use --models all or none")
     return list(requested)
+
+
+def verify_models(model_ids: Sequence[str]) -> dict[str, dict]:
+    """Check every weights file of ``model_ids`` against its card's sha256, before any work.
+
+    The predictors check again when they load; checking here too makes a tampered or missing
+    file stop the run at once (exit 65) instead of failing every participant after preprocessing.
+
+    Returns
+    -------
+    dict
+        The card of each model (``ensemble`` has none).
+
+    Raises
+    ------
+    ModelError
+    """
+    from .weights import card_weight_files, verify_sha256
+
+    cards = {}
+    for model in model_ids:
+        if model == "ensemble":
+            continue
+        card, folder = read_card(model)
+        for path, digest in card_weight_files(card, folder):
+            verify_sha256(path, digest)
+        cards[model] = card
+    return cards
+
+
+def training_age_range(card: dict) -> tuple[float, float] | None:
+    """``(age_min, age_max)`` in years of the data a model was trained on, when its card says."""
+    data = card.get("training_data")
+    if not isinstance(data, dict):
+        return None
+    try:
+        low, high = float(data["age_min"]), float(data["age_max"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return (low, high) if low <= high else None

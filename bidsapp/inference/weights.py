@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 from ..errors import ModelError
 
-__all__ = ["sha256_file", "load_checked", "card_weight_files", "load_card_state_dicts"]
+__all__ = ["sha256_file", "verify_sha256", "load_checked", "card_weight_files", "load_card_state_dicts"]
 
 LOGGER = logging.getLogger("brainage.inference")
 
@@ -26,6 +26,27 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         for block in iter(lambda: handle.read(chunk), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def verify_sha256(path: str | Path, sha256: str) -> None:
+    """Check that a weights file exists and has the sha256 its model card gives.
+
+    Raises
+    ------
+    ModelError
+        Invalid digest in the card, missing file, or digest mismatch.
+    """
+    path = Path(path)
+    if not isinstance(sha256, str) or len(sha256) != 64:
+        raise ModelError(f"the model card gives no valid sha256 for {path}")
+    if not path.is_file():
+        raise ModelError(f"model weights {path} are missing; reinstall brainage or fix "
+                         "BRAINAGE_MODELS_DIR")
+    actual = sha256_file(path)
+    if actual != sha256.lower():
+        raise ModelError(f"model weights {path} fail the sha256 check (expected {sha256[:12]}…, "
+                         f"got {actual[:12]}…): the file is corrupted or was modified; reinstall "
+                         "brainage")
 
 
 def load_checked(path: str | Path, sha256: str, *, map_location: str = "cpu") -> dict[str, Any]:
@@ -53,16 +74,7 @@ def load_checked(path: str | Path, sha256: str, *, map_location: str = "cpu") ->
     import torch
 
     path = Path(path)
-    if not isinstance(sha256, str) or len(sha256) != 64:
-        raise ModelError(f"the model card gives no valid sha256 for {path}")
-    if not path.is_file():
-        raise ModelError(f"model weights {path} are missing; reinstall brainage or fix "
-                         "BRAINAGE_MODELS_DIR")
-    actual = sha256_file(path)
-    if actual != sha256.lower():
-        raise ModelError(f"model weights {path} fail the sha256 check (expected {sha256[:12]}…, "
-                         f"got {actual[:12]}…): the file is corrupted or was modified; reinstall "
-                         "brainage")
+    verify_sha256(path, sha256)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises several types for unsafe or broken files
