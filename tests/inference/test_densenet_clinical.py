@@ -183,6 +183,24 @@ def test_relevance_map_in_the_t1w_grid(models, scans, tmp_path):
     assert data.min() >= 0 and np.all(data[~brain] == 0) and data[brain].max() > 0
 
 
+def test_relevance_map_is_the_mean_over_networks_and_views(models, scans):
+    # the predictor sums per view grid before resampling; that must equal resampling every
+    # network's map of every view on its own and averaging (interpolation is linear)
+    t1w, mask = scans
+    predictor = DenseNetClinicalPredictor.from_models_dir(models)
+    volume, views = predictor.prepare(t1w, mask)
+    direct = np.zeros(volume.shape, np.float32)
+    for net in predictor.networks:
+        for view in views:
+            grad = np.abs(guided_backprop(net, view.data))
+            direct += map_to_grid(grad, view.affine, volume.shape, volume.affine)
+    direct /= len(predictor.networks) * len(views)
+    direct[volume.data == 0] = 0
+    got = predictor.relevance_map(volume, views).data
+    np.testing.assert_allclose(got, direct, rtol=1e-4, atol=1e-6 * float(direct.max()))
+    assert len(views) > 1 and len(predictor.networks) > 1
+
+
 def test_warp_to_template_applies_the_ants_transform(tmp_path):
     ants = pytest.importorskip("ants")
     data = np.zeros((20, 20, 20), np.float32)
