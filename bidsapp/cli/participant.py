@@ -129,7 +129,10 @@ def run_participant_level(config: RunConfig) -> None:
                                 vbm_fwhm=config.vbm_fwhm, models=models, device=config.device)
     workflow.config["execution"].update({
         "crashdump_dir": str(crash_root), "crashfile_format": "txt", "stop_on_first_crash": False,
-        "remove_unnecessary_outputs": False, "parameterize_dirs": False})
+        "remove_unnecessary_outputs": False, "parameterize_dirs": False,
+        # inputs are recognised by content, not modification time: a dataset re-fetched by
+        # DataLad, restored or re-mounted at the same path keeps its cache (md5 of a T1w < 0.1 s)
+        "hash_method": "content"})
     plugin, plugin_args = _plugin(config, len(good))
     progress = tqdm(total=len(good), desc="brainage participant", unit="T1w", disable=None)
 

@@ -1,9 +1,11 @@
 """End to end: ``brainage ixi out participant`` on one real IXI scan, then a rerun that resumes."""
 
 import json
+import os
 import subprocess
 import shutil
 import time
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -16,10 +18,19 @@ SUBJECT = "IXI012"
 
 @pytest.fixture(scope="module")
 def ixi_run(ixi_dir, tmp_path_factory):
+    # a one-participant copy of the dataset, so that the rerun test may touch its files
+    bids = tmp_path_factory.mktemp("ixi") / "ixi-hh"
+    bids.mkdir()
+    for name in ("README", "dataset_description.json", "participants.json"):
+        shutil.copy(ixi_dir / name, bids / name)
+    lines = (ixi_dir / "participants.tsv").read_text().splitlines()
+    (bids / "participants.tsv").write_text(
+        "\n".join([lines[0]] + [ln for ln in lines[1:] if ln.startswith(f"sub-{SUBJECT}\t")]) + "\n")
+    shutil.copytree(ixi_dir / f"sub-{SUBJECT}", bids / f"sub-{SUBJECT}")
     out = tmp_path_factory.mktemp("deriv")
     work = tmp_path_factory.mktemp("work")
     # the default model selection: every shipped model runs
-    args = [str(ixi_dir), str(out), "participant", "--participant-label", SUBJECT,
+    args = [str(bids), str(out), "participant", "--participant-label", SUBJECT,
             "--nprocs", "2", "--omp-nthreads", "2", "-w", str(work)]
     start = time.monotonic()
     code = main(args)
@@ -64,6 +75,11 @@ def test_derivatives_validate(ixi_run):
 
 
 def test_rerun_resumes_from_cache(ixi_run):
+    # a new modification time (a re-fetched or re-mounted dataset) must not invalidate the
+    # cache: nipype hashes the inputs by content
+    t1w = next((Path(ixi_run["args"][0]) / f"sub-{SUBJECT}" / "anat").glob("*_T1w.nii.gz"))
+    t1w.chmod(0o644)
+    os.utime(t1w, (time.time() + 3600, time.time() + 3600))
     start = time.monotonic()
     assert main(ixi_run["args"]) == 0
     assert time.monotonic() - start < 0.5 * ixi_run["seconds"]
