@@ -52,6 +52,8 @@ class RunConfig:
     run_uuid: str = field(default_factory=new_run_uuid)
     version: str = __version__
     group_options: dict[str, Any] = field(default_factory=dict)
+    nipype_plugin: str | None = None
+    nipype_plugin_args: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict of the settings."""

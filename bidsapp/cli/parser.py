@@ -7,6 +7,7 @@ errors of :mod:`bidsapp.errors`, which :mod:`bidsapp.cli.run` maps to exit codes
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import sys
@@ -106,6 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
          help="memory limit for scheduling, with a unit: 8G, 8000M (a bare number means MB)")
     _add(perf, "--device", choices=("auto", "cpu", "cuda"), default="auto",
          help="device for the networks (default auto: CUDA when available)")
+    _add(perf, "--nipype-plugin", metavar="NAME",
+         help="nipype execution plugin, e.g. MultiProc (default), Linear, LegacyMultiProc, SLURM, "
+              "SLURMGraph, SGEGraph, PBSGraph. The cluster plugins submit each workflow node as "
+              "a job: they need -w on a shared file system and brainage installed natively "
+              "on the compute nodes")
+    _add(perf, "--nipype-plugin-args", metavar="JSON",
+         help='arguments of the plugin as a JSON object, or @FILE holding one, e.g. '
+              '\'{"sbatch_args": "--partition=short --mem=4G", "dont_resubmit_completed_jobs": true}\'')
 
     mdl = parser.add_argument_group("models")
     _add(mdl, "--models", nargs="+", default=["all"], metavar="ID",
@@ -177,6 +186,49 @@ def _check_writable(path: Path, what: str) -> None:
                                f"choose a directory you can write to") from exc
 
 
+def _nipype_plugin(name: str | None, args_text: str | None) -> tuple[str | None, dict]:
+    """Validate ``--nipype-plugin``/``--nipype-plugin-args``: nipype's spelling of a plugin
+    and its arguments as a dict.
+
+    Examples
+    --------
+    >>> _nipype_plugin("slurmgraph", '{"dont_resubmit_completed_jobs": true}')
+    ('SLURMGraph', {'dont_resubmit_completed_jobs': True})
+    >>> _nipype_plugin(None, None)
+    (None, {})
+    """
+    if name is None:
+        if args_text is not None:
+            raise UsageError("--nipype-plugin-args needs --nipype-plugin")
+        return None, {}
+    from nipype.pipeline import plugins
+
+    known = {attr[:-len("Plugin")].lower(): attr[:-len("Plugin")] for attr in dir(plugins)
+             if attr.endswith("Plugin") and attr != "Plugin"}
+    plugin = known.get(name.lower())
+    if plugin is None:
+        raise UsageError(f"--nipype-plugin {name!r} is not a nipype plugin; use one of "
+                         f"{', '.join(sorted(known.values()))}")
+    if args_text is None:
+        return plugin, {}
+    text = args_text
+    if args_text.startswith("@"):
+        path = Path(args_text[1:]).expanduser()
+        if not path.is_file():
+            raise InputMissingError(f"--nipype-plugin-args file {path} does not exist")
+        text = path.read_text(encoding="utf-8")
+    try:
+        plugin_args = json.loads(text)
+    except ValueError as exc:
+        raise UsageError(f"--nipype-plugin-args is not valid JSON ({exc}); give an object such as "
+                         '\'{"sbatch_args": "--partition=short"}\'') from exc
+    if not isinstance(plugin_args, dict):
+        raise UsageError("--nipype-plugin-args must be a JSON object ({\"name\": value, ...})")
+    if "status_callback" in plugin_args:
+        raise UsageError("--nipype-plugin-args: status_callback is set by brainage itself")
+    return plugin, plugin_args
+
+
 def _resolve_models(requested: Sequence[str]) -> tuple[str, ...]:
     names = [m.lower() for m in requested]
     if names in (["all"], ["none"]):
@@ -238,6 +290,7 @@ def parse_args(argv: Sequence[str] | None = None) -> RunConfig:
     participants = normalise_labels(args.participant_label, "sub")
     sessions = normalise_labels(args.session_label, "ses")
     filters = load_bids_filters(args.bids_filter_file)
+    plugin, plugin_args = _nipype_plugin(args.nipype_plugin, args.nipype_plugin_args)
     group_options = {key: value for key, value in (
         ("group_column", args.group_column), ("control_label", args.control_label),
         ("covariates", tuple(args.covariates) if args.covariates else None),
@@ -261,4 +314,5 @@ def parse_args(argv: Sequence[str] | None = None) -> RunConfig:
         nprocs=nprocs, omp_nthreads=omp, mem_gb=parse_mem_gb(args.mem),
         models=_resolve_models(args.models), device=device,
         skip_bids_validation=args.skip_bids_validation, random_seed=args.random_seed,
-        vbm_fwhm=args.vbm_fwhm, verbosity=args.verbosity, group_options=group_options)
+        vbm_fwhm=args.vbm_fwhm, verbosity=args.verbosity, group_options=group_options,
+        nipype_plugin=plugin, nipype_plugin_args=plugin_args)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shutil
 from collections import defaultdict
@@ -55,12 +56,29 @@ def _flag_age_range(units: list[T1wUnit], cards: dict[str, dict]) -> None:
 
 
 def _plugin(config: RunConfig, n_units: int) -> tuple[str, dict]:
-    if config.nprocs == 1 or n_units == 1 and config.nprocs <= config.omp_nthreads:
-        return "Linear", {}
-    args = {"n_procs": config.nprocs, "raise_insufficient": False, "maxtasksperchild": 1}
-    if config.mem_gb:
-        args["memory_gb"] = config.mem_gb
-    return "MultiProc", args
+    """The nipype plugin and its arguments: ``--nipype-plugin`` when given, else Linear for one
+    process and MultiProc otherwise. ``--nipype-plugin-args`` override the defaults."""
+    plugin = config.nipype_plugin
+    if plugin is None:
+        serial = config.nprocs == 1 or n_units == 1 and config.nprocs <= config.omp_nthreads
+        plugin = "Linear" if serial else "MultiProc"
+    args: dict = {}
+    if plugin in ("MultiProc", "LegacyMultiProc"):
+        args = {"n_procs": config.nprocs, "raise_insufficient": False, "maxtasksperchild": 1}
+        if config.mem_gb:
+            args["memory_gb"] = config.mem_gb
+    return plugin, {**args, **config.nipype_plugin_args}
+
+
+def _container() -> dict[str, str] | None:
+    """``GeneratedBy.Container`` of a run inside the brainage image, from the environment:
+    Apptainer/Singularity names the image file; the Docker image sets BRAINAGE_CONTAINER_*."""
+    for var in ("APPTAINER_CONTAINER", "SINGULARITY_CONTAINER"):
+        if os.environ.get(var):
+            return {"Type": "singularity", "URI": os.environ[var]}
+    if os.environ.get("BRAINAGE_CONTAINER_TYPE") and os.environ.get("BRAINAGE_CONTAINER_TAG"):
+        return {"Type": os.environ["BRAINAGE_CONTAINER_TYPE"], "Tag": os.environ["BRAINAGE_CONTAINER_TAG"]}
+    return None
 
 
 def _crashed_units(crash_root: Path, units: list[T1wUnit]) -> dict[str, list[Path]]:
@@ -120,7 +138,7 @@ def run_participant_level(config: RunConfig) -> None:
                len(good), len({u.source.subject for u in good}), config.nprocs,
                ", ".join(models) or "none (preprocessing only)")
     config.record()
-    write_dataset_description(config.output_dir, config.bids_dir)
+    write_dataset_description(config.output_dir, config.bids_dir, container=_container())
     write_bidsignore(config.output_dir)
 
     crash_root = config.work_dir / "crash" / config.run_uuid
@@ -136,7 +154,11 @@ def run_participant_level(config: RunConfig) -> None:
     plugin, plugin_args = _plugin(config, len(good))
     progress = tqdm(total=len(good), desc="brainage participant", unit="T1w", disable=None)
 
+    from .run import _Terminated, termination_requested
+
     def _on_status(node, status):  # nipype calls this as nodes start/end/fail
+        if status == "start" and termination_requested():
+            raise _Terminated()  # outside nipype's per-node exception handling: the run stops
         if node.name == "ds_anat" and status == "end":
             progress.update(1)
 

@@ -41,6 +41,19 @@ class _Terminated(BaseException):
     """Raised in the main process when SIGTERM arrives, so clean-up runs as for Ctrl-C."""
 
 
+_TERMINATION = {"requested": False}
+
+
+def termination_requested() -> bool:
+    """Whether SIGTERM arrived during this run.
+
+    nipype turns an exception raised inside a node, even this BaseException, into a node
+    failure and goes on with the other nodes. The participant level asks here before each
+    node starts, so a signalled run stops at once and exits 130 rather than 1.
+    """
+    return _TERMINATION["requested"]
+
+
 def exit_code_for(exc: BaseException) -> int:
     """The documented exit code of an exception raised during a run.
 
@@ -113,7 +126,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous = signal.getsignal(signal.SIGTERM)
 
     def _on_sigterm(signum, frame):
+        _TERMINATION["requested"] = True
         raise _Terminated()
+
+    _TERMINATION["requested"] = False
 
     if previous in (signal.SIG_DFL, None):
         signal.signal(signal.SIGTERM, _on_sigterm)
@@ -126,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
         return _finish(code, argv)
     except BaseException as exc:  # noqa: BLE001 - every failure becomes one line + exit code
-        code = exit_code_for(exc)
+        code = 130 if termination_requested() else exit_code_for(exc)
         message = str(exc) or type(exc).__name__
         if code == 130:
             message = "interrupted: finished files are kept, nothing half-written; rerun to resume"

@@ -117,3 +117,36 @@ def test_unusable_image_is_65_and_writes_nothing(tiny_bids, tmp_path, capsys, da
                      "--skip-bids-validation", "-w", tmp_path / "w")
     assert code == 65 and "sub-01_T1w.nii.gz" in err and "Traceback" not in err
     assert not list(out.glob("sub-*"))
+
+
+@pytest.mark.parametrize("extra, code, text", [
+    (["--nipype-plugin", "NoSuch"], 64, "not a nipype plugin"),
+    (["--nipype-plugin-args", "{}"], 64, "needs --nipype-plugin"),
+    (["--nipype-plugin", "SLURM", "--nipype-plugin-args", "[1]"], 64, "JSON object"),
+    (["--nipype-plugin", "SLURM", "--nipype-plugin-args", "{sbatch_args"], 64, "not valid JSON"),
+    (["--nipype-plugin", "SLURM", "--nipype-plugin-args", "@missing.json"], 66, "does not exist"),
+])
+def test_bad_nipype_plugin_options(tiny_bids, tmp_path, capsys, extra, code, text):
+    got, err = _run(capsys, tiny_bids, tmp_path / "out", "participant", *extra)
+    assert got == code and text in err and "Traceback" not in err
+
+
+def test_nipype_plugin_pass_through(tiny_bids, tmp_path):
+    from bidsapp.cli.participant import _plugin
+
+    args_file = tmp_path / "plugin.json"
+    args_file.write_text('{"sbatch_args": "--partition=short --mem=4G", "max_jobs": 20}')
+    cfg = parse_args([str(tiny_bids), str(tmp_path / "o"), "participant", "--nipype_plugin", "slurmgraph",
+                      "--nipype-plugin-args", f"@{args_file}", "--nprocs", "4"])
+    assert (cfg.nipype_plugin, cfg.nipype_plugin_args) == (
+        "SLURMGraph", {"sbatch_args": "--partition=short --mem=4G", "max_jobs": 20})
+    assert _plugin(cfg, 3) == ("SLURMGraph", {"sbatch_args": "--partition=short --mem=4G", "max_jobs": 20})
+    # MultiProc keeps brainage's defaults; the user's arguments override them
+    cfg = parse_args([str(tiny_bids), str(tmp_path / "o"), "participant", "--nipype-plugin", "MultiProc",
+                      "--nipype-plugin-args", '{"maxtasksperchild": 4}', "--nprocs", "3", "--mem", "6G"])
+    assert _plugin(cfg, 1) == ("MultiProc", {"n_procs": 3, "raise_insufficient": False,
+                                             "maxtasksperchild": 4, "memory_gb": 6.0})
+    # without the option: Linear for one process, MultiProc otherwise (unchanged)
+    cfg = parse_args([str(tiny_bids), str(tmp_path / "o"), "participant", "--nprocs", "1"])
+    assert _plugin(cfg, 2) == ("Linear", {}) and cfg.nipype_plugin is None
+    assert json.loads(cfg.to_json())["nipype_plugin_args"] == {}
