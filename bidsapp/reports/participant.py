@@ -58,7 +58,8 @@ _VERSION_DISTS = (("ANTs (antspyx)", "antspyx"), ("nipype", "nipype"), ("nibabel
                   ("nilearn", "nilearn"), ("PyTorch", "torch"), ("deepbet", "deepbet"))
 _LABEL_RE = re.compile(r"^[A-Za-z0-9]+$")
 _RES = "2"  # resolution entity of the template-space derivatives
-_MAP_SUFFIXES = {"relevancemap": "relevance", "brainagemap": "voxel-wise brain age (years)"}
+_MAP_SUFFIXES = {"relevancemap": "relevance", "brainagemap": "voxel-wise brain age (years)",
+                 "brainpadmap": "voxel-wise brain-PAD (years)"}
 
 
 # --------------------------------------------------------------------------- inputs
@@ -204,10 +205,14 @@ def _flags(qc: Mapping[str, Any]) -> list[str]:
 
 
 def _warnings(qc: Mapping[str, Any]) -> list[str]:
-    value = qc.get("warnings", [])
-    if isinstance(value, str):
-        return [value]
-    return [str(item) for item in value] if isinstance(value, (list, tuple)) else []
+    """Image warnings, then the scan's own (age missing, censored, outside a model's range)."""
+    out: list[str] = []
+    info = qc.get("scan_info")
+    for value in (qc.get("warnings", []), info.get("warnings", []) if isinstance(info, Mapping) else []):
+        if isinstance(value, str):
+            value = [value]
+        out += [str(item) for item in value] if isinstance(value, (list, tuple)) else []
+    return list(dict.fromkeys(out))
 
 
 def _timings(qc: Mapping[str, Any]) -> dict[str, float]:
@@ -468,6 +473,8 @@ def _explanation_figure(output_dir: Path, source: SourceEntities, path: Path,
     # relevance (LRP, guided backprop): symmetric range clipped at the 99th percentile of
     # |relevance| (seed 002), so white is zero and the few hottest voxels do not wash out the rest
     style = {"symmetric": True, "percentile": 99.0} if suffix == "relevancemap" else {}
+    if suffix == "brainpadmap":  # signed years: white = brain age equal to age
+        style = {"symmetric": True, "percentile": 99.0}
 
     def render() -> tuple[Path, None]:
         t1w, brain, _ = _template()
@@ -482,7 +489,11 @@ def _explanation_figure(output_dir: Path, source: SourceEntities, path: Path,
     caption = (f"{label.capitalize()} of model '{model}' ({path.name}) over the T1w in template "
                "space. Values are colour-coded; voxels equal to zero are transparent."
                + (" Symmetric colour range: ±the 99th percentile of |relevance|; red is positive "
-                  "(pushes the predicted age up), blue negative." if style else ""))
+                  "(pushes the predicted age up), blue negative." if suffix == "relevancemap"
+                  else "")
+               + (" Symmetric colour range: ±the 99th percentile of |brain-PAD|; red: locally "
+                  "older-appearing than the chronological age, blue: younger (not corrected for "
+                  "regression to the mean)." if suffix == "brainpadmap" else ""))
     return _render(f"Explanation map: {model} ({suffix})", caption, render)
 
 

@@ -169,6 +169,17 @@ def test_unreadable_qc_json_becomes_a_warning(tmp_path):
     assert any("cannot read sub-01_ses-A_run-1_qc.json" in w for w in row["warnings"])
 
 
+def test_scan_warnings_are_listed_with_the_image_warnings(tmp_path):
+    # age problems live in scan_info (written by the participant level): the report shows them
+    write_unit(tmp_path, RUN1, parts=(), qc={
+        "warnings": ["oblique acquisition"],
+        "scan_info": {"age": 6.0, "warnings": ["age 6.0 y is outside the ages densenet-clinical was "
+                                               "trained on (20.17-81.94 y)", "oblique acquisition"]}})
+    row = unit_summary(tmp_path, RUN1)
+    assert row["warnings"] == ["oblique acquisition", "age 6.0 y is outside the ages densenet-clinical "
+                               "was trained on (20.17-81.94 y)"]
+
+
 def test_find_units_sorts_runs_numerically(tmp_path):
     for run in ("10", "2", "1"):
         write_unit(tmp_path, SourceEntities("02", run=run), qc={}, parts=())
