@@ -12,6 +12,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+# re-exported for the fixtures below; tests import them from synthetic_images, never from
+# 'conftest' (several conftest.py files share that module name)
+from synthetic_images import blob_t1w, write_image  # noqa: E402,F401
+
 
 def shared_data_dir() -> Path:
     """``../shared/data`` beside the checkout, or ``$BRAINAGE_SHARED_DATA``."""
@@ -38,23 +42,6 @@ def pediatric_dir() -> Path:
     if not (path / "dataset_description.json").is_file():
         pytest.skip(f"real pediatric data not found at {path}")
     return path
-
-
-def write_image(path: Path, data: np.ndarray, zooms=(2.0, 2.0, 2.0)) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    affine = np.diag([*zooms, 1.0])
-    nib.Nifti1Image(data, affine).to_filename(path)
-    return path
-
-
-def blob_t1w(shape=(40, 48, 40), seed=0) -> np.ndarray:
-    """A bright ellipsoid 'brain' in a dark background (enough for input checks)."""
-    grid = np.indices(shape).astype(float)
-    centre = (np.array(shape) - 1) / 2
-    radius = np.array(shape) * 0.35
-    inside = (((grid - centre[:, None, None, None]) / radius[:, None, None, None]) ** 2).sum(0) <= 1
-    noise = np.random.default_rng(seed).normal(0, 5, shape)
-    return (inside * 400 + 50 + noise).astype(np.float32)
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import blob_t1w, write_image
+from synthetic_images import blob_t1w, write_image
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKERFILE = REPO / "Dockerfile"

@@ -30,7 +30,7 @@ def _weights(path):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, synth_dataset):
     """One complete 3-fold CLI run with export (shared by the tests below)."""
-    from conftest import tiny_config_text
+    from training_configs import tiny_config_text
 
     root = tmp_path_factory.mktemp("trained")
     cfg = root / "tiny.toml"
