@@ -1,8 +1,10 @@
-"""End to end: ``brainage ixi out participant`` on one real IXI scan, then a rerun that resumes."""
+"""End to end: ``brainage ixi out participant`` on one real IXI scan without network access,
+then a rerun that resumes."""
 
 import json
 import os
 import subprocess
+import sys
 import shutil
 import time
 from pathlib import Path
@@ -12,6 +14,8 @@ import numpy as np
 import pytest
 
 from bidsapp.cli.run import main
+
+REPO = Path(__file__).resolve().parents[2]
 
 SUBJECT = "IXI012"
 
@@ -32,14 +36,84 @@ def ixi_run(ixi_dir, tmp_path_factory):
     # the default model selection: every shipped model runs
     args = [str(bids), str(out), "participant", "--participant-label", SUBJECT,
             "--nprocs", "2", "--omp-nthreads", "2", "-w", str(work)]
+    # the first run in a subprocess whose Python processes (nipype workers too) cannot reach
+    # the network: every attempt is logged and refused
+    env = _offline_env(tmp_path_factory.mktemp("offline"))
     start = time.monotonic()
-    code = main(args)
+    proc = subprocess.run([sys.executable, "-m", "bidsapp", *args], env=env, cwd=REPO,
+                          capture_output=True, text=True)
     first = time.monotonic() - start
-    return {"out": out, "work": work, "args": args, "code": code, "seconds": first}
+    return {"out": out, "work": work, "args": args, "code": proc.returncode, "seconds": first,
+            "stderr": proc.stderr, "env": env, "netlog": Path(env["BRAINAGE_TEST_NETLOG"])}
+
+
+_SITECUSTOMIZE = """
+import os, socket
+
+_LOG = os.environ["BRAINAGE_TEST_NETLOG"]
+
+
+def _refuse(what):
+    with open(_LOG, "a", encoding="utf-8") as handle:
+        handle.write(f"{os.getpid()} {what!r}\\n")
+    raise OSError(f"network access blocked by the offline test: {what!r}")
+
+
+def _remote(address):
+    host = address[0] if isinstance(address, tuple) else address
+    return not (isinstance(host, str) and (host in ("localhost", "::1") or host.startswith("127.")))
+
+
+_connect, _connect_ex, _getaddrinfo = socket.socket.connect, socket.socket.connect_ex, socket.getaddrinfo
+
+
+def connect(self, address):
+    if self.family in (socket.AF_INET, socket.AF_INET6) and _remote(address):
+        _refuse(address)
+    return _connect(self, address)
+
+
+def connect_ex(self, address):
+    if self.family in (socket.AF_INET, socket.AF_INET6) and _remote(address):
+        _refuse(address)
+    return _connect_ex(self, address)
+
+
+def getaddrinfo(host, *args, **kwargs):
+    if host is not None and _remote((host if isinstance(host, str) else host.decode(),)):
+        _refuse(host)
+    return _getaddrinfo(host, *args, **kwargs)
+
+
+socket.socket.connect, socket.socket.connect_ex, socket.getaddrinfo = connect, connect_ex, getaddrinfo
+"""
+
+
+def _offline_env(folder: Path) -> dict[str, str]:
+    """Environment whose Python processes refuse (and log) every non-loopback connection."""
+    (folder / "sitecustomize.py").write_text(_SITECUSTOMIZE, encoding="utf-8")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(folder), str(REPO), env.get("PYTHONPATH", "")])
+    env["BRAINAGE_TEST_NETLOG"] = str(folder / "network-attempts.log")
+    return env
+
+
+def test_offline_guard_refuses_connections(ixi_run):
+    # the guard of the run below is real: a download attempt under the same environment fails
+    probe = subprocess.run([sys.executable, "-c", "import urllib.request; "
+                            "urllib.request.urlopen('https://example.org', timeout=5)"],
+                           env=ixi_run["env"], capture_output=True, text=True)
+    assert probe.returncode != 0 and "blocked by the offline test" in probe.stderr
+    assert "example.org" in ixi_run["netlog"].read_text()
 
 
 def test_exit_zero_and_files(ixi_run):
-    assert ixi_run["code"] == 0
+    assert ixi_run["code"] == 0, ixi_run["stderr"][-3000:]
+    # the whole participant level (preprocessing, every shipped model, reports) ran offline;
+    # read before the probe above may write the log (test order: the probe runs first, so
+    # only lines not about the probe count)
+    attempts = (ixi_run["netlog"].read_text().splitlines() if ixi_run["netlog"].is_file() else [])
+    assert [a for a in attempts if "example.org" not in a] == []
     anat = ixi_run["out"] / f"sub-{SUBJECT}" / "anat"
     prefix = f"sub-{SUBJECT}"
     for name in ("desc-preproc_T1w.nii.gz", "desc-brain_mask.nii.gz", "dseg.nii.gz",
