@@ -241,6 +241,9 @@ def export_model(config: TrainConfig, family: ModelFamily, records: Sequence[Sca
         "fine_tuned_from": dict(fine_tuned_from) if fine_tuned_from else None,
         "notes": exp.notes,
     }
+    for key, value in family.card_extras(fold_results).items():
+        both_tables = isinstance(value, Mapping) and isinstance(card.get(key), Mapping)
+        card[key] = {**card[key], **value} if both_tables else value
     card_path = write_card(card, exp.models_dir)
     LOGGER.info("wrote %s (pooled CV MAE %.2f y, r %.3f)", card_path, pooled["mae"], pooled["r"])
     return card_path

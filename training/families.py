@@ -22,7 +22,7 @@ from bidsapp.errors import UsageError
 from .data import ScanRecord
 
 __all__ = ["ModelFamily", "Member", "DenseNetClinicalFamily", "MLensBaseFamily", "MLensFamily",
-           "register_family", "get_family", "available_families"]
+           "LocalUNetFamily", "register_family", "get_family", "available_families"]
 
 
 @dataclass(frozen=True)
@@ -74,6 +74,22 @@ class ModelFamily(abc.ABC):
                         caches, ridge=None, wall_seconds=None):
         """Write weights and model card of an ensemble family (see :class:`MLensFamily`)."""
         raise NotImplementedError(f"{self.name} trains one network per fold; the engine exports it")
+
+    def trainer_class(self):
+        """The :class:`~training.trainer.Trainer` (sub)class this family trains with (None: the
+        engine's default)."""
+        return None
+
+    def evaluate_fold(self, cache, test, best_path, device, robustness_spacings=()):
+        """Held-out predictions of one fold (default: :func:`training.export.evaluate_fold`)."""
+        from .export import evaluate_fold
+
+        return evaluate_fold(self, cache, test, best_path, device, robustness_spacings)
+
+    def card_extras(self, fold_results) -> dict[str, Any]:
+        """Family-specific model-card entries, merged into the engine's card (tables are
+        updated key by key)."""
+        return {}
 
     @abc.abstractmethod
     def build_network(self) -> nn.Module:
@@ -412,8 +428,188 @@ class MLensFamily(ModelFamily):
                             caches=caches, ridge=ridge, wall_seconds=wall_seconds)
 
 
+class LocalUNetFamily(ModelFamily):
+    """Seed 000 (Popescu et al.): voxelwise brain age with a U-Net on modulated GM/WM blocks.
+
+    ``[model]`` holds the network keys (``init_channels``, ``depth``, ``convs_per_scale``,
+    ``se``, ``se_reduction``, ``dropout``, ``negative_slope``; see
+    :class:`bidsapp.nets.LocalUNet`), the input block side ``block_size`` (the output side
+    follows from the valid convolutions: 52 -> 12 for depth 2), the training keys
+    ``aux_weights`` (initial alpha of each auxiliary head, coarsest first; one per level),
+    ``aux_decay_epochs`` (epochs over which they decay linearly to 0), ``blocks_per_scan``
+    (random blocks per training scan and epoch) and ``val_blocks`` (0: validate on the tiled
+    map; n: on n fixed blocks per scan), and the inference keys ``mc_samples`` (Monte-Carlo
+    dropout samples per fold network, 0 = off) and ``tile_stride`` (default: the output side).
+    ``[input]`` holds :class:`bidsapp.transforms.modulated.ModulatedInputSpec` keys.
+    """
+
+    name = "local-unet"
+    seed_paper = ("Popescu et al., Local brain-age: a U-Net model (Front. Aging Neurosci. 2021): "
+                  "voxelwise brain age from modulated GM/WM maps (seed 000)")
+    _NET_KEYS = {"init_channels", "depth", "convs_per_scale", "se", "se_reduction", "dropout",
+                 "negative_slope"}
+    _RUN_KEYS = {"block_size", "aux_weights", "aux_decay_epochs", "blocks_per_scan",
+                 "val_blocks", "mc_samples", "tile_stride"}
+
+    def __init__(self, model_params: Mapping[str, Any], input_params: Mapping[str, Any]) -> None:
+        from bidsapp.nets.local_unet import local_unet_sizes
+        from bidsapp.transforms.modulated import ModulatedInputSpec
+
+        super().__init__(model_params, input_params)
+        p = self.model_params
+        unknown = sorted(set(p) - self._NET_KEYS - self._RUN_KEYS)
+        if unknown:
+            raise UsageError(f"[model] has unknown key(s) {unknown} for local-unet; allowed: "
+                             f"{sorted(self._NET_KEYS | self._RUN_KEYS)}")
+        try:
+            self.spec = ModulatedInputSpec.from_dict(self.input_params)
+            kwargs = self.net_kwargs()
+            self.in_size = int(p.get("block_size", 52))
+            sizes = local_unet_sizes(self.in_size, kwargs["depth"], kwargs["convs_per_scale"])
+            self.build_network()
+        except (TypeError, ValueError) as exc:
+            raise UsageError(f"invalid local-unet [model]/[input]: {exc}") from exc
+        self.out_size, self.margin = sizes["output"], sizes["margin"]
+        self.aux_weights = [float(a) for a in p.get("aux_weights", [1.0] * kwargs["depth"])]
+        if len(self.aux_weights) != kwargs["depth"] or min(self.aux_weights) < 0:
+            raise UsageError(f"model.aux_weights needs {kwargs['depth']} non-negative values (one "
+                             f"per auxiliary head), got {self.aux_weights}")
+        self.aux_decay_epochs = float(p.get("aux_decay_epochs", 10.0))
+        self.blocks_per_scan = int(p.get("blocks_per_scan", 1))
+        self.val_blocks = int(p.get("val_blocks", 0))
+        self.mc_samples = int(p.get("mc_samples", 0))
+        self.tile_stride = int(p.get("tile_stride", self.out_size))
+        if self.aux_decay_epochs < 0 or self.blocks_per_scan < 1 or self.val_blocks < 0:
+            raise UsageError("model.aux_decay_epochs must be >= 0, blocks_per_scan >= 1 and "
+                             "val_blocks >= 0")
+        if not 1 <= self.tile_stride <= self.out_size:
+            raise UsageError(f"model.tile_stride must be in [1, {self.out_size}] (the output "
+                             f"block), got {self.tile_stride}")
+        if self.mc_samples < 0 or (self.mc_samples and not kwargs["dropout"] > 0):
+            raise UsageError("model.mc_samples must be >= 0, and Monte-Carlo dropout "
+                             "(mc_samples > 0) needs model.dropout > 0")
+        self.input_params = self.spec.to_dict()
+
+    def net_kwargs(self) -> dict[str, Any]:
+        """Constructor arguments of :class:`bidsapp.nets.LocalUNet` (JSON-serialisable)."""
+        p = self.model_params
+        return {"spatial_dims": 3, "in_channels": 2, "out_channels": 1,
+                "init_channels": int(p.get("init_channels", 64)), "depth": int(p.get("depth", 2)),
+                "convs_per_scale": int(p.get("convs_per_scale", 2)), "se": bool(p.get("se", True)),
+                "se_reduction": int(p.get("se_reduction", 16)),
+                "dropout": float(p.get("dropout", 0.0)),
+                "act": ["leakyrelu", {"negative_slope": float(p.get("negative_slope", 0.2)),
+                                      "inplace": False}]}
+
+    def build_network(self) -> nn.Module:
+        from bidsapp.nets.local_unet import LocalUNet
+
+        kwargs = self.net_kwargs()
+        kwargs["act"] = tuple(kwargs["act"])
+        return LocalUNet(**kwargs)
+
+    def block_geometry(self) -> dict[str, Any]:
+        """Block sides, margin and the inference settings (the card's ``blocks``)."""
+        return {"in_size": self.in_size, "out_size": self.out_size, "margin": self.margin,
+                "tile_stride": self.tile_stride, "mc_samples": self.mc_samples,
+                "receptive_field_voxels": self.in_size - self.out_size + 1}
+
+    @property
+    def mask(self) -> np.ndarray:
+        """Template brain mask in the brain box (training blocks, tiling, global mean)."""
+        if not hasattr(self, "_mask"):
+            from bidsapp.transforms.modulated import brain_mask
+
+            self._mask = brain_mask(self.spec)
+            self._mask_voxels = np.argwhere(self._mask)
+        return self._mask
+
+    @property
+    def mask_voxels(self) -> np.ndarray:
+        """``np.argwhere(mask)``."""
+        self.mask  # noqa: B018 - fills the cache
+        return self._mask_voxels
+
+    @property
+    def tiles(self) -> np.ndarray:
+        """Output-block origins tiling the mask with stride = output side."""
+        if not hasattr(self, "_tiles"):
+            from bidsapp.transforms.blocks import tile_origins
+
+            self._tiles = tile_origins(self.mask, self.out_size)
+        return self._tiles
+
+    def prepare(self, record: ScanRecord) -> list[np.ndarray]:
+        from bidsapp.transforms.modulated import modulated_paths, prepare_modulated_input
+
+        paths = modulated_paths(record.t1w.parent, record.key, self.spec)
+        return [prepare_modulated_input(paths, self.spec).data]
+
+    def prepare_robustness(self, record: ScanRecord, spacing_mm: float) -> list[np.ndarray]:
+        raise NotImplementedError("local-unet reads MNI-space modulated maps; thick-slice "
+                                  "robustness needs re-segmentation and re-registration (set "
+                                  "export.robustness_spacings_mm = [])")
+
+    def augment(self, view: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        # the paper trains without augmentation; random block positions are the only variation
+        return np.asarray(view, dtype=np.float32)
+
+    def keep(self, views: list[np.ndarray]) -> bool:
+        return bool(np.any(views[0][:, self.mask] > 0))
+
+    def trainer_class(self):
+        from .local_unet import LocalUNetTrainer
+
+        return LocalUNetTrainer
+
+    def evaluate_fold(self, cache, test, best_path, device, robustness_spacings=()):
+        from .local_unet import evaluate_local_unet
+
+        if robustness_spacings:
+            raise UsageError("local-unet has no thick-slice robustness check; set "
+                             "export.robustness_spacings_mm = []")
+        return evaluate_local_unet(self, cache, test, best_path, device)
+
+    def card_extras(self, fold_results) -> dict[str, Any]:
+        from .local_unet import local_unet_card_extras
+
+        return local_unet_card_extras(self, fold_results)
+
+    def architecture(self) -> dict[str, Any]:
+        from bidsapp.nets.local_unet import LocalUNet
+
+        net = self.build_network()
+        return {"class": f"{LocalUNet.__module__}.{LocalUNet.__name__}",
+                "params": self.model_params, "net_kwargs": self.net_kwargs(), "blocks": self.block_geometry(),
+                "n_parameters": int(sum(q.numel() for q in net.parameters())),
+                "description": "U-Net: valid 3x3x3 convolutions (two per scale), LeakyReLU, "
+                               "squeeze-and-excitation after every convolution, 2x2x2 average "
+                               "pooling, transposed-convolution upsampling, centre-cropped skips; "
+                               "voxelwise age of the central block; auxiliary block-level heads "
+                               "(global average pooling + dense) at the coarser scales, training "
+                               "only; output = target_offset + target_scale * raw",
+                "loss": "voxelwise L1 on the brain voxels of the output block + aux_weights x "
+                        "block-level L1, aux weights decaying linearly to 0 over "
+                        f"{self.aux_decay_epochs:g} epochs (eq. 5)"}
+
+    def preprocessing(self) -> dict[str, Any]:
+        res = "1p5" if self.spec.source_resolution_mm == 1.5 else "2"
+        return {"function": "bidsapp.transforms.modulated.prepare_modulated_input",
+                "params": self.spec.to_dict(),
+                "inputs": [f"space-MNI152NLin2009aSym_res-{res}_label-{t}_desc-modulated_probseg"
+                           for t in ("GM", "WM")],
+                "description": (
+                    "Jacobian-modulated GM and WM maps on the template grid, smoothed with a "
+                    "Gaussian of fwhm_mm FWHM, resampled (anti-aliased) to resolution_mm when "
+                    "coarser than the participant grid, cropped to the bounding box of the "
+                    "template brain mask; 2 channels, no intensity normalisation. Blocks: "
+                    "training samples output blocks centred on random template-mask voxels; "
+                    "inference tiles the template mask")}
+
+
 _FAMILIES: dict[str, type[ModelFamily]] = {DenseNetClinicalFamily.name: DenseNetClinicalFamily}
 _FAMILIES[MLensFamily.name] = MLensFamily
+_FAMILIES[LocalUNetFamily.name] = LocalUNetFamily
 
 
 def register_family(cls: type[ModelFamily]) -> type[ModelFamily]:

@@ -16,7 +16,7 @@ from bidsapp.errors import UsageError
 from .config import TrainConfig
 from .data import InputCache, collect_records
 from .distributed import setup_distributed, teardown_distributed
-from .export import evaluate_fold, export_model, ridge_cross_validation
+from .export import export_model, ridge_cross_validation
 from .families import ModelFamily, get_family
 from .splits import load_or_create_splits
 from .trainer import Trainer
@@ -79,7 +79,7 @@ def _family_for(config: TrainConfig) -> tuple[ModelFamily, list[dict[str, Any]] 
 
 
 def run_training(config: TrainConfig, *, folds: Sequence[int] | None = None, resume: bool = False,
-                 export: bool = True, trainer_cls: type[Trainer] = Trainer) -> dict[str, Any]:
+                 export: bool = True, trainer_cls: type[Trainer] | None = None) -> dict[str, Any]:
     """Cross-validated training of one model family, then export of weights and card.
 
     Parameters
@@ -91,8 +91,9 @@ def run_training(config: TrainConfig, *, folds: Sequence[int] | None = None, res
         Continue interrupted folds from their latest checkpoint; finished folds are kept.
     export : bool
         Write weights and card to ``config.export.models_dir`` when all folds are done.
-    trainer_cls : type
-        A :class:`~training.trainer.Trainer` subclass (a variant overriding hooks).
+    trainer_cls : type, optional
+        A :class:`~training.trainer.Trainer` subclass (a variant overriding hooks); default the
+        family's own (:meth:`~training.families.ModelFamily.trainer_class`) or ``Trainer``.
 
     Returns
     -------
@@ -111,6 +112,8 @@ def run_training(config: TrainConfig, *, folds: Sequence[int] | None = None, res
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         family, init_states, origin = _family_for(config)
         members = family.members()
+        if trainer_cls is None:
+            trainer_cls = family.trainer_class() or Trainer
         if init_states is not None and family.ensemble:
             raise UsageError(f"init_from is not supported for the ensemble family {family.name!r}")
         work = config.work_dir
@@ -176,8 +179,9 @@ def run_training(config: TrainConfig, *, folds: Sequence[int] | None = None, res
                 trainer = trainer_cls(member_config, member.family, cache, train, val, k, folder,
                                       dist, resume=resume, init_state=init).run()
                 if dist.is_main:
-                    result = evaluate_fold(member.family, cache, test, trainer.best_path,
-                                           dist.device, config.export.robustness_spacings_mm)
+                    result = member.family.evaluate_fold(cache, test, trainer.best_path,
+                                                         dist.device,
+                                                         config.export.robustness_spacings_mm)
                     (folder / "evaluation.json").write_text(json.dumps(result, indent=1),
                                                             encoding="utf-8")
                     if not family.ensemble:

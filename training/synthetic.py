@@ -13,7 +13,8 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["synthetic_brain", "synthetic_mni_brain", "make_synthetic_dataset"]
+__all__ = ["synthetic_brain", "synthetic_mni_brain", "synthetic_modulated_maps",
+           "make_synthetic_dataset"]
 
 
 def synthetic_brain(age: float, shape: Sequence[int] = (32, 40, 32), seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -66,9 +67,39 @@ def synthetic_mni_brain(age: float, seed: int = 0) -> np.ndarray:
     return np.where(mask, np.clip(image, 1, None), 0).astype(np.float32)
 
 
+def synthetic_modulated_maps(age: float, resolution_mm: float = 2.0,
+                             seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Modulated GM and WM maps of an age on a template grid (2 or 1.5 mm).
+
+    From the bundled template's priors: tissue loses volume with age, grey matter most in the
+    front of the brain (over 70 years 50 % at the frontal pole, 25 % at the occipital pole),
+    white matter 25 % everywhere; plus an individual head-size factor (SD 4 %) and voxel noise.
+    The tissue density of every voxel thus falls with age (a cue a small convolutional network
+    finds locally), and a local model can learn where the effect is strongest.  Only for tests
+    of the local-unet family.
+    """
+    from bidsapp.templates import get_template
+
+    rng = np.random.default_rng(seed)
+    tpl = get_template(resolution_mm)
+    mask = np.asarray(tpl.mask.dataobj) > 0
+    gm, wm = (img.get_fdata(dtype=np.float32) for img in (tpl.gm, tpl.wm))
+    rel = (age - 20.0) / 70.0
+    # anterior-posterior position in 0 (back) .. 1 (front) along the second (A-P) axis
+    front = np.linspace(0.0, 1.0, mask.shape[1], dtype=np.float32)[None, :, None]
+    size = 1.0 + rng.normal(0, 0.04)
+    gm_mod = gm * (1.0 - rel * (0.25 + 0.25 * front)) * size
+    wm_mod = wm * (1.0 - 0.25 * rel) * size
+    out = []
+    for data in (gm_mod, wm_mod):
+        noisy = data + rng.normal(0, 0.03, mask.shape).astype(np.float32) * (data > 0.01)
+        out.append(np.where(mask, np.clip(noisy, 0, None), 0).astype(np.float32))
+    return out[0], out[1]
+
+
 def make_synthetic_dataset(root: str | Path, ages: Sequence[float], *, shape: Sequence[int] = (32, 40, 32),
                            zooms: Sequence[float] = (2.0, 2.0, 2.0), seed: int = 0,
-                           mni: bool = False) -> tuple[Path, Path]:
+                           mni: bool = False, modulated: bool = False) -> tuple[Path, Path]:
     """Write ``root/bids`` (raw) and ``root/derivatives`` (preproc T1w + brain mask).
 
     Parameters
@@ -82,6 +113,9 @@ def make_synthetic_dataset(root: str | Path, ages: Sequence[float], *, shape: Se
     seed : int
     mni : bool
         Also write ``space-MNI152NLin2009aSym_res-2_desc-preproc_T1w`` (:func:`synthetic_mni_brain`).
+    modulated : bool
+        Also write ``space-MNI152NLin2009aSym_res-2_label-{GM,WM}_desc-modulated_probseg``
+        (:func:`synthetic_modulated_maps`).
 
     Returns
     -------
@@ -124,5 +158,13 @@ def make_synthetic_dataset(root: str | Path, ages: Sequence[float], *, shape: Se
             img.set_data_dtype(np.int16)  # rounded to int16: small files
             img.to_filename(derivative_path(derivs, source, space=TEMPLATE_SPACE, res="2",
                                             desc="preproc", suffix="T1w"))
+        if modulated:
+            from bidsapp.templates import TEMPLATE_SPACE, get_template
+
+            maps = synthetic_modulated_maps(age, 2.0, seed=seed * 10007 + i)
+            for tissue, data in zip(("GM", "WM"), maps):
+                nib.Nifti1Image(data, get_template(2.0).affine).to_filename(derivative_path(
+                    derivs, source, space=TEMPLATE_SPACE, res="2", label=tissue,
+                    desc="modulated", suffix="probseg"))
     (bids / "participants.tsv").write_text("\n".join(rows) + "\n")
     return bids, derivs

@@ -9,10 +9,10 @@ from __future__ import annotations
 import json
 import os
 
-from nipype.interfaces.base import (BaseInterfaceInputSpec, File, SimpleInterface, Str,
-                                    TraitedSpec, isdefined, traits)
+from nipype.interfaces.base import (BaseInterfaceInputSpec, File, InputMultiObject,
+                                    SimpleInterface, Str, TraitedSpec, isdefined, traits)
 
-__all__ = ["DenseNetClinicalPredict", "MLensPredict"]
+__all__ = ["DenseNetClinicalPredict", "MLensPredict", "LocalUNetPredict"]
 
 
 class _DenseNetClinicalPredictInputSpec(BaseInterfaceInputSpec):
@@ -191,3 +191,115 @@ class MLensPredict(SimpleInterface):
             json.dump(record, handle, indent=2)
         self._results["prediction"] = path
         return runtime
+
+
+class _LocalUNetPredictInputSpec(BaseInterfaceInputSpec):
+    std_mod_tpms_res2 = InputMultiObject(File(exists=True), desc="modulated GM, WM on the 2 mm "
+                                         "template grid (read by models working at >= 2 mm)")
+    std_mod_tpms_res1p5 = InputMultiObject(File(exists=True), desc="modulated GM, WM on the "
+                                           "1.5 mm template grid (read by models at 1.5 mm)")
+    age = traits.Float(desc="chronological age (years) for the brain-PAD map and ROI brain-PAD")
+    models_dir = Str(desc="folder with local-unet.json (default: the installed models)")
+    device = Str("cpu", usedefault=True, desc="torch device")
+    num_threads = traits.Int(1, usedefault=True, desc="torch CPU threads")
+    mc_samples = traits.Int(desc="Monte-Carlo dropout samples per fold (default: the card's)")
+
+
+class _LocalUNetPredictOutputSpec(TraitedSpec):
+    brain_age = traits.Float(desc="mean of the brain-age map over the brain mask (years)")
+    brain_age_lower = traits.Float(desc="lower end of the 95% fold/sample interval")
+    brain_age_upper = traits.Float(desc="upper end of the 95% fold/sample interval")
+    brainage_map = File(desc="voxelwise brain age on the 2 mm template grid")
+    brainage_sd_map = File(desc="voxelwise SD over fold x dropout-sample maps")
+    brainpad_map = File(desc="brain-age map minus age (when the age is known)")
+    roi_table = File(desc="mean brain age (and brain-PAD) per Harvard-Oxford ROI")
+    prediction = File(exists=True, desc="JSON for the derivatives sink: row, details and maps")
+
+
+class LocalUNetPredict(SimpleInterface):
+    """Local (voxelwise) brain age with the local-unet model (seed 000).
+
+    Examples
+    --------
+    >>> node = LocalUNetPredict()
+    >>> node.inputs.num_threads
+    1
+    """
+
+    input_spec = _LocalUNetPredictInputSpec
+    output_spec = _LocalUNetPredictOutputSpec
+
+    def _run_interface(self, runtime):
+        import math
+
+        import torch
+
+        from ..errors import InputMissingError
+        from ..inference.local_unet import MODEL_ID, LocalUNetPredictor, roi_table
+        from ..templates import TEMPLATE_SPACE
+
+        inputs = self.inputs
+        torch.set_num_threads(max(1, inputs.num_threads))
+        predictor = LocalUNetPredictor.from_models_dir(
+            inputs.models_dir if isdefined(inputs.models_dir) and inputs.models_dir else None,
+            device=inputs.device,
+            mc_samples=inputs.mc_samples if isdefined(inputs.mc_samples) else None)
+        grid = "res1p5" if predictor.spec.source_resolution_mm == 1.5 else "res2"
+        paths = getattr(inputs, f"std_mod_tpms_{grid}")
+        if not isdefined(paths) or len(paths) != 2:
+            raise InputMissingError(f"local-unet needs the modulated GM and WM maps ({grid})")
+        result = predictor.predict(paths)
+        age = inputs.age if isdefined(inputs.age) and math.isfinite(inputs.age) else None
+        images = result.images(age)
+        self._results.update(brain_age=result.brain_age, brain_age_lower=result.lower,
+                             brain_age_upper=result.upper)
+        descriptions = {
+            "brainagemap": ("Voxelwise brain age (local brain age, seed 000): mean over the fold "
+                            "networks and dropout samples of the tiled U-Net predictions; NaN "
+                            "outside the template brain mask", "year"),
+            "brainagesdmap": ("Voxelwise SD of the brain age over the fold x dropout-sample maps",
+                              "year"),
+            "brainpadmap": ("Voxelwise brain-PAD: brain-age map minus chronological age "
+                            "(uncorrected for regression to the mean)", "year")}
+        outputs = {"brainagemap": "brainage_map", "brainagesdmap": "brainage_sd_map",
+                   "brainpadmap": "brainpad_map"}
+        maps = []
+        for suffix, img in images.items():
+            path = os.path.join(runtime.cwd, f"{suffix}.nii.gz")
+            img.to_filename(path)
+            self._results[outputs[suffix]] = path
+            text, units = descriptions[suffix]
+            maps.append({"file": path, "suffix": suffix, "space": TEMPLATE_SPACE, "res": "2",
+                         "meta": {"Description": text, "Units": units}})
+        table = os.path.join(runtime.cwd, "roi.tsv")
+        roi_table(images["brainagemap"], age).to_csv(table, sep="\t", index=False, na_rep="n/a",
+                                                     float_format="%.4f")
+        self._results["roi_table"] = table
+        maps.append({"file": table, "suffix": "brainageroi", "extension": ".tsv",
+                     "space": TEMPLATE_SPACE, "res": "2", "meta": _ROI_COLUMNS})
+        record = {"model": MODEL_ID, "brain_age": result.brain_age,
+                  "brain_age_lower": result.lower, "brain_age_upper": result.upper,
+                  "details": {"n_folds": result.n_folds, "mc_samples": result.mc_samples,
+                              "sample_global": list(result.sample_global),
+                              "input_resolution_mm": predictor.spec.resolution_mm,
+                              "variant": predictor.card.get("variant")},
+                  "maps": maps}
+        path = os.path.join(runtime.cwd, "prediction.json")
+        with open(path, "w", encoding="utf-8") as handle:
+            json.dump(record, handle, indent=2)
+        self._results["prediction"] = path
+        return runtime
+
+
+#: Data dictionary of the ROI table (its JSON sidecar).
+_ROI_COLUMNS = {
+    "index": {"Description": "label value in the Harvard-Oxford maximum-probability image "
+                             "(thresholded at 25%, cortical + subcortical)"},
+    "name": {"Description": "Harvard-Oxford structure"},
+    "hemisphere": {"Description": "left, right or bilateral"},
+    "atlas": {"Description": "cortical or subcortical"},
+    "n_voxels": {"Description": "voxels of the ROI with a brain age (2 mm grid)"},
+    "brain_age": {"Description": "mean voxelwise brain age in the ROI", "Units": "year"},
+    "brain_pad": {"Description": "ROI brain age minus chronological age (ROI-level brain-PAD, "
+                                 "seed 000); n/a when the age is unknown", "Units": "year"},
+}

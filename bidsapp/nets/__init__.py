@@ -1,9 +1,12 @@
 """Network architectures of the seed models, one module per network (MONAI style)."""
 
 from .densenet import DENSENET169_BLOCKS, LEAKY_RELU, DenseNetRegressor, densenet169_regressor
+from .local_unet import (LOCAL_UNET_ACT, LocalUNet, enable_mc_dropout, local_unet_input_size,
+                         local_unet_sizes)
 from .mlens import (MLENS_FILTERS, MLENS_KERNELS, MLENS_LEAKY_RELU, MLENS_RELU, MLensCNN,
                     mlens_feature_shape)
 
 __all__ = ["DenseNetRegressor", "densenet169_regressor", "DENSENET169_BLOCKS", "LEAKY_RELU",
            "MLensCNN", "mlens_feature_shape", "MLENS_FILTERS", "MLENS_KERNELS",
-           "MLENS_LEAKY_RELU", "MLENS_RELU"]
+           "MLENS_LEAKY_RELU", "MLENS_RELU", "LocalUNet", "local_unet_sizes",
+           "local_unet_input_size", "enable_mc_dropout", "LOCAL_UNET_ACT"]

@@ -431,6 +431,8 @@ def plot_mosaic(background: ImageLike, *, cuts: Mapping[str, Sequence[float]],
         # Permuted/oblique affines are reordered by nilearn for display, which is what we want.
         warnings.filterwarnings("ignore", message=".*non-diagonal affine.*")
         warnings.filterwarnings("ignore", message=".*[Rr]esampl.*")
+        # NaN outside the brain (voxelwise brain-age maps) becomes 0: transparent, as intended
+        warnings.filterwarnings("ignore", message=".*Non-finite values detected.*")
         for row, (axis, coords) in enumerate(cuts.items()):
             ax = fig.add_axes([0.0, bottom0 + (n_rows - 1 - row) * row_h, panel_w, row_h])
             display = plotting.plot_anat(

@@ -64,7 +64,8 @@ def init_single_t1w_wf(*, unit: T1wUnit, output_dir: Path, omp_nthreads: int = 1
     if [m for m in models if m != "ensemble"]:
         from .models import MODEL_INPUT_FIELDS, init_models_wf
 
-        models_wf = init_models_wf(models=models, device=device, omp_nthreads=omp_nthreads)
+        models_wf = init_models_wf(models=models, device=device, omp_nthreads=omp_nthreads,
+                                   age=unit.info.age)
         # a separate sink: a failing model must not withhold the preprocessing derivatives
         ds_brainage = pe.Node(BrainAgeSink(base_directory=str(output_dir), source_file=str(unit.path),
                                            relpath=unit.relpath,

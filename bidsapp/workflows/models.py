@@ -10,7 +10,8 @@ from nipype.pipeline import engine as pe
 __all__ = ["MODEL_INPUT_FIELDS", "init_models_wf"]
 
 #: Preprocessing outputs the models read (a subset of the anatomical ``outputnode``).
-MODEL_INPUT_FIELDS = ("t1w_preproc", "t1w_mask", "anat2std_xfm", "std_mask", "std_t1w")
+MODEL_INPUT_FIELDS = ("t1w_preproc", "t1w_mask", "anat2std_xfm", "std_mask", "std_t1w",
+                      "std_mod_tpms_res2", "std_mod_tpms_res1p5")
 
 
 def _densenet_clinical_node(device: str, omp_nthreads: int) -> tuple[pe.Node, dict[str, str]]:
@@ -30,12 +31,22 @@ def _mlens_node(device: str, omp_nthreads: int) -> tuple[pe.Node, dict[str, str]
     return node, {"std_t1w": "std_t1w"}
 
 
+def _local_unet_node(device: str, omp_nthreads: int) -> tuple[pe.Node, dict[str, str]]:
+    from ..interfaces.models import LocalUNetPredict
+
+    node = pe.Node(LocalUNetPredict(device=device, num_threads=omp_nthreads),
+                   name="local_unet", n_procs=omp_nthreads, mem_gb=3.0)
+    return node, {"std_mod_tpms_res2": "std_mod_tpms_res2",
+                  "std_mod_tpms_res1p5": "std_mod_tpms_res1p5"}
+
+
 #: Node factory of each model id: returns the node and how inputnode fields map onto it.
-_FACTORIES = {"densenet-clinical": _densenet_clinical_node, "mlens": _mlens_node}
+_FACTORIES = {"densenet-clinical": _densenet_clinical_node, "mlens": _mlens_node,
+              "local-unet": _local_unet_node}
 
 
 def init_models_wf(*, models: Sequence[str], device: str = "cpu", omp_nthreads: int = 1,
-                   name: str = "models_wf") -> pe.Workflow:
+                   age: float | None = None, name: str = "models_wf") -> pe.Workflow:
     """Run the selected brain-age models on one T1w.
 
     Parameters
@@ -46,6 +57,8 @@ def init_models_wf(*, models: Sequence[str], device: str = "cpu", omp_nthreads: 
         Torch device.
     omp_nthreads : int
         Threads per model node.
+    age : float, optional
+        Chronological age of the scan, for models that write brain-PAD maps (``local-unet``).
 
     Returns
     -------
@@ -67,6 +80,8 @@ def init_models_wf(*, models: Sequence[str], device: str = "cpu", omp_nthreads: 
         node, fields = _FACTORIES[model](device, omp_nthreads)
         # the prediction JSON names the node's map files: nipype must not prune them
         node.config = {"execution": {"remove_unnecessary_outputs": False}}
+        if age is not None and "age" in node.inputs.copyable_trait_names():
+            node.inputs.age = float(age)
         workflow.connect([(inputnode, node, list(fields.items())),
                           (node, merge, [("prediction", f"in{index}")])])
     workflow.connect(merge, "out", outputnode, "predictions")
