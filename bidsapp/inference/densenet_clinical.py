@@ -20,7 +20,7 @@ import torch
 from ..errors import ModelError
 from ..transforms import ClinicalInputSpec, Volume, load_skull_stripped, prepare_views
 from .registry import require_family
-from .weights import load_card_state_dicts
+from .weights import load_card_state_dicts, network_with_state
 
 __all__ = ["MODEL_ID", "DenseNetClinicalPrediction", "DenseNetClinicalPredictor",
            "predict_densenet_clinical", "fold_interval"]
@@ -106,15 +106,9 @@ class DenseNetClinicalPredictor:
                 params["block_config"] = tuple(params["block_config"])
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelError(f"model card {card.get('id')} is incomplete or invalid: {exc}") from exc
-        self.networks = []
-        for state in load_card_state_dicts(card, folder):
-            net = DenseNetRegressor(**params)
-            try:
-                net.load_state_dict(state)
-            except RuntimeError as exc:
-                raise ModelError(f"weights of {card.get('id')} do not match its architecture: "
-                                 f"{exc}") from exc
-            self.networks.append(net.to(self.device).eval())
+        self.networks = [network_with_state(DenseNetRegressor(**params), state, self.device,
+                                            f"weights of {card.get('id')}")
+                         for state in load_card_state_dicts(card, folder)]
 
     @classmethod
     def from_models_dir(cls, models_dir: str | Path | None = None,

@@ -35,7 +35,7 @@ from ..transforms.blocks import tile_predict
 from ..transforms.modulated import (ModulatedInput, ModulatedInputSpec, modulated_paths,
                                     prepare_modulated_input, to_template_grid)
 from .registry import require_family
-from .weights import load_card_state_dicts
+from .weights import load_card_state_dicts, network_with_state
 
 __all__ = ["MODEL_ID", "LocalUNetPrediction", "LocalUNetPredictor", "tiled_age_map",
            "network_from_card", "roi_table", "predict_local_unet"]
@@ -182,15 +182,9 @@ class LocalUNetPredictor:
         if self.mc_samples < 0 or not 1 <= self.tile_stride <= self.out_size:
             raise ModelError(f"mc_samples must be >= 0 and tile_stride in [1, {self.out_size}], "
                              f"got {self.mc_samples} and {self.tile_stride}")
-        self.networks = []
-        for state in load_card_state_dicts(card, folder):
-            net, _ = network_from_card(card)
-            try:
-                net.load_state_dict(state)
-            except RuntimeError as exc:
-                raise ModelError(f"weights of {card.get('id')} do not match its architecture: "
-                                 f"{exc}") from exc
-            self.networks.append(net.to(self.device).eval())
+        self.networks = [network_with_state(network_from_card(card)[0], state, self.device,
+                                            f"weights of {card.get('id')}")
+                         for state in load_card_state_dicts(card, folder)]
         if self.mc_samples and not any(m.p > 0 for m in self.networks[0].modules()
                                        if isinstance(m, nn.Dropout)):
             raise ModelError(f"model {card.get('id')} has no dropout: Monte-Carlo dropout "

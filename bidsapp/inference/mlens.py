@@ -33,7 +33,7 @@ from ..transforms import Volume
 from ..transforms.mni_pruned import (MNIPrunedSpec, prepare_mni_input, pruning_box,
                                      relevance_to_template, to_network_input)
 from .registry import require_family
-from .weights import load_card_state_dicts
+from .weights import load_card_state_dicts, network_with_state
 
 __all__ = ["MODEL_ID", "MLensPrediction", "MLensPredictor", "predict_mlens", "fold_halfwidth"]
 
@@ -164,13 +164,10 @@ class MLensPredictor:
                                                  key=lambda item: item[0]):
             if sub not in kwargs:
                 raise ModelError(f"model card {card.get('id')}: weights of unknown sub-ensemble {sub}")
-            net = MLensCNN(**kwargs[sub])
-            try:
-                net.load_state_dict(state)
-            except RuntimeError as exc:
-                raise ModelError(f"weights of {card.get('id')} ({sub}, fold {fold}, member "
-                                 f"{member}) do not match the architecture: {exc}") from exc
-            self.networks.setdefault((fold, sub), []).append(net.to(self.device).eval())
+            net = network_with_state(MLensCNN(**kwargs[sub]), state, self.device,
+                                     f"weights of {card.get('id')} ({sub}, fold {fold}, member "
+                                     f"{member})")
+            self.networks.setdefault((fold, sub), []).append(net)
         missing = [(k, s) for k in self.folds for s in self.subensembles if (k, s) not in self.networks]
         if missing:
             raise ModelError(f"model card {card.get('id')} has no weights for {missing[:3]}")

@@ -14,7 +14,8 @@ from typing import Any, Mapping
 
 from ..errors import ModelError
 
-__all__ = ["sha256_file", "verify_sha256", "load_checked", "card_weight_files", "load_card_state_dicts"]
+__all__ = ["sha256_file", "verify_sha256", "load_checked", "card_weight_files", "load_card_state_dicts",
+           "network_with_state"]
 
 LOGGER = logging.getLogger("brainage.inference")
 
@@ -104,3 +105,29 @@ def load_card_state_dicts(card: Mapping[str, Any], folder: str | Path,
     """Checked state dicts of all weights files of a card (e.g. the folds of an ensemble)."""
     return [load_checked(path, digest, map_location=map_location)
             for path, digest in card_weight_files(card, folder)]
+
+
+def network_with_state(net, state: Mapping[str, Any], device, what: str):
+    """``net`` with ``state`` loaded, on ``device``, in eval mode.
+
+    Parameters
+    ----------
+    net : torch.nn.Module
+        Freshly built network of the card's architecture.
+    state : mapping
+        Checked state dict (:func:`load_checked`).
+    device : torch.device
+    what : str
+        Names the weights in the error (e.g. ``"weights of densenet-clinical"``).
+
+    Raises
+    ------
+    ModelError
+        When the state does not fit the architecture (a card and weights out of step).
+    """
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ModelError(f"{what} do not match its architecture: {exc}") from exc
+    return net.to(device).eval()
+
