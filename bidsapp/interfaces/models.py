@@ -38,6 +38,11 @@ class _DenseNetClinicalPredictOutputSpec(TraitedSpec):
     prediction = File(exists=True, desc="JSON for the derivatives sink: row, details and maps")
 
 
+def _models_dir(inputs):
+    """The node's ``models_dir`` input, or ``None`` for the registry's folder."""
+    return inputs.models_dir if isdefined(inputs.models_dir) and inputs.models_dir else None
+
+
 class DenseNetClinicalPredict(SimpleInterface):
     """Brain age with the densenet-clinical ensemble (seed 004) and its relevance map.
 
@@ -61,7 +66,7 @@ class DenseNetClinicalPredict(SimpleInterface):
         inputs = self.inputs
         torch.set_num_threads(max(1, inputs.num_threads))
         predictor = DenseNetClinicalPredictor.from_models_dir(
-            inputs.models_dir if isdefined(inputs.models_dir) and inputs.models_dir else None,
+            _models_dir(inputs),
             device=inputs.device)
         volume, views = predictor.prepare(inputs.t1w_preproc, inputs.t1w_mask)
         result = predictor.predict_prepared(views)
@@ -148,7 +153,7 @@ class MLensPredict(SimpleInterface):
         inputs = self.inputs
         torch.set_num_threads(max(1, inputs.num_threads))
         predictor = MLensPredictor.from_models_dir(
-            inputs.models_dir if isdefined(inputs.models_dir) and inputs.models_dir else None,
+            _models_dir(inputs),
             device=inputs.device)
         prepared = predictor.prepare(inputs.std_t1w)
         result = predictor.predict_prepared(prepared)
@@ -241,7 +246,7 @@ class LocalUNetPredict(SimpleInterface):
         inputs = self.inputs
         torch.set_num_threads(max(1, inputs.num_threads))
         predictor = LocalUNetPredictor.from_models_dir(
-            inputs.models_dir if isdefined(inputs.models_dir) and inputs.models_dir else None,
+            _models_dir(inputs),
             device=inputs.device,
             mc_samples=inputs.mc_samples if isdefined(inputs.mc_samples) else None)
         grid = "res1p5" if predictor.spec.source_resolution_mm == 1.5 else "res2"
