@@ -103,14 +103,16 @@ def test_paper_network_and_parameter_count_by_hand():
 
 
 def test_untrained_network_predicts_the_offset_and_keeps_its_signal():
-    net = LocalUNet(init_channels=4).eval()
+    # seeded, and 16 channels: with 4 the bottleneck's spread varies ~30-fold between random inits
+    torch.manual_seed(0)
+    net = LocalUNet(init_channels=16).eval()
     net.set_target_scaling(45.5, 12.0)
     with torch.no_grad():
         out, aux = net(torch.rand(1, 2, 52, 52, 52), return_aux=True)
         assert torch.all(out == 45.5)  # zero output convolution
         # the doubled He weights offset the 1/2 gate of every excitation: the bottleneck keeps
         # the input's order of magnitude (a gate-halved signal would be ~2**-6 of it)
-        x = torch.rand(4, 2, 52, 52, 52)
+        x = torch.rand(2, 2, 52, 52, 52)  # std 0.29
         for scale in net.encoder:
             x = net.pool(scale(x))
         assert 0.1 < float(net.bottom(x).std()) < 10

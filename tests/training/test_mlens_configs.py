@@ -25,6 +25,7 @@ def test_reduced_cpu_config_is_valid():
 
 def test_full_config_builds_the_paper_network_and_trains_one_step():
     torch.set_num_threads(1)
+    torch.manual_seed(0)
     config = load_config(CONFIGS / "mlens-full.toml")
     family = get_family(config.family, config.model, config.input)
     assert config.data.folds == 10 and config.data.val_fraction == 0.1   # 8:1:1
