@@ -72,5 +72,9 @@ class ModelError(BrainageError, ValueError):
     """Model weights missing, tampered with (sha256 mismatch) or unusable (exit 65)."""
 
 
+class ParticipantBusyError(BrainageError, RuntimeError):
+    """Every selected participant is being processed by another run into the same output (exit 75)."""
+
+
 class ParticipantFailure(BrainageError, RuntimeError):
     """Some participants failed while others completed (exit 1)."""

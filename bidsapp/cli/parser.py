@@ -36,6 +36,8 @@ EXIT_CODES = {
     66: "bids_dir missing or not a BIDS dataset, no T1w image, or another input file missing",
     70: "internal error (please report it with the -v output)",
     73: "output or work directory not writable (permissions, read-only file system, disk full)",
+    75: "every selected participant is being processed by another brainage run into output_dir; "
+        "run again when it ends",
     130: "interrupted (SIGINT/SIGTERM); rerun with the same work dir to resume",
 }
 

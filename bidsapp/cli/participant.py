@@ -14,7 +14,8 @@ from tqdm import tqdm
 from ..bids.layout import T1wUnit, collect_t1w_units
 from ..bids.validation import validate_dataset
 from ..config import RunConfig
-from ..errors import ImageError, ParticipantFailure
+from ..errors import ImageError, ParticipantBusyError, ParticipantFailure
+from ..locking import ParticipantLocks
 
 __all__ = ["run_participant_level"]
 
@@ -110,13 +111,13 @@ def run_participant_level(config: RunConfig) -> None:
     ------
     BIDSValidationError, EmptySelectionError, InputMissingError, ImageError, AgeError, ModelError
         Before any processing starts.
+    ParticipantBusyError
+        When another run holds every selected participant (see :mod:`bidsapp.locking`).
     ParticipantFailure
-        When some T1w images failed while others were processed.
+        When some T1w images failed, or were held by another run, while others were processed.
     """
-    from ..derivatives import write_bidsignore, write_dataset_description
     from ..inference import resolve_models
     from ..inference.registry import verify_models
-    from ..workflows.base import init_brainage_wf
 
     if not config.skip_bids_validation:
         validate_dataset(config.bids_dir)
@@ -134,6 +135,33 @@ def run_participant_level(config: RunConfig) -> None:
         LOGGER.error("%s", message)
     if not good:
         raise ImageError(f"none of the {len(bad)} selected T1w images is usable (see messages above)")
+    with ParticipantLocks(config.output_dir, config.run_uuid) as locks:
+        busy = locks.acquire(sorted({u.source.subject for u in units}))
+        if busy:
+            units, good, bad = _without_busy(busy, units, good, bad)
+        _process(config, units, good, bad, models, busy)
+
+
+def _without_busy(busy: dict[str, str], units, good, bad):
+    """Drop the participants another run is writing; refuse the run if none is left."""
+    for message in busy.values():
+        LOGGER.error("%s", message)
+    units = [u for u in units if u.source.subject not in busy]
+    if not any(u.source.subject not in busy for u in good):
+        raise ParticipantBusyError(
+            next(iter(busy.values())) if len(busy) == 1 and not units else
+            f"{len(busy)} selected participant(s) are being processed by other brainage runs and "
+            f"the others have no usable T1w (listed above); nothing was written")
+    return (units, [u for u in good if u.source.subject not in busy],
+            [(u, m) for u, m in bad if u.source.subject not in busy])
+
+
+def _process(config: RunConfig, units: list[T1wUnit], good: list[T1wUnit],
+             bad: list[tuple[T1wUnit, str]], models: tuple[str, ...], busy: dict[str, str]) -> None:
+    """Run the workflow on the usable T1w images of the locked participants, then the reports."""
+    from ..derivatives import write_bidsignore, write_dataset_description
+    from ..workflows.base import init_brainage_wf
+
     LOGGER.log(25, "processing %d T1w image(s) of %d participant(s) with %d process(es); models: %s",
                len(good), len({u.source.subject for u in good}), config.nprocs,
                ", ".join(models) or "none (preprocessing only)")
@@ -180,9 +208,10 @@ def run_participant_level(config: RunConfig) -> None:
             LOGGER.error("%s (details: %s)", message, _keep_crash(crash, unit, config))
     failed_reports = _write_reports(config, units, errors_by_subject)
     failed = len(bad) + len(crashes)
-    if failed or failed_reports:
+    if failed or failed_reports or busy:
+        held = f", {len(busy)} participant(s) were left to another run" if busy else ""
         raise ParticipantFailure(f"{failed} of {len(units)} T1w image(s) and {failed_reports} report(s) "
-                                 f"failed (listed above); the rest is in {config.output_dir}")
+                                 f"failed{held} (listed above); the rest is in {config.output_dir}")
 
 
 def _keep_crash(crash: Path, unit: T1wUnit, config: RunConfig) -> Path:

@@ -33,6 +33,7 @@ _EXIT = (  # most specific first
     (err.ModelError, 65),
     (err.InputMissingError, 66),
     (err.NotWritableError, 73),
+    (err.ParticipantBusyError, 75),
     (err.ParticipantFailure, 1),
 )
 

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import nibabel as nib
+import numpy as np
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -33,3 +37,39 @@ def test_sigterm_during_a_serial_run_stops_it_with_130(tiny_bids, tmp_path):
     # no node starts after the signal: at most the one starting as it was sent
     started_after = {p.parent for p in work.rglob("_report")} - before
     assert len(started_after) <= 1, sorted(map(str, started_after))
+
+
+def test_a_rerun_after_sigterm_completes_and_nothing_is_half_written(tiny_bids, tmp_path):
+    out, work = tmp_path / "out", tmp_path / "work"
+    argv = [sys.executable, str(REPO / "bin" / "brainage"), str(tiny_bids), str(out), "participant",
+            "--participant-label", "01", "-w", str(work), "--nprocs", "1", "--omp-nthreads", "1",
+            "--models", "none", "--skip-bids-validation"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 600
+    # signal it once preprocessing has produced results, in the middle of the participant
+    while len(list(work.rglob("result_*.pklz"))) < 3 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run ended before it could be signalled"
+    os.kill(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-2000:]
+    assert list(out.rglob("*.part")) == []
+    assert not (out / "sub-01" / "anat" / "sub-01_qc.json").exists()  # the participant was not finished
+
+    # nodes nipype had marked complete (final hash file); a node caught while saving is not
+    finished = {p: p.stat().st_mtime_ns for p in work.rglob("result_*.pklz")
+                if any(not h.name.endswith("_unfinished.json") for h in p.parent.glob("_0x*.json"))}
+
+    rerun = subprocess.run(argv, capture_output=True, text=True, timeout=1200)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert list(out.rglob("*.part")) == [] and not (out / ".brainage-locks").exists()
+    anat = out / "sub-01" / "anat"
+    images = sorted(anat.glob("*.nii.gz"))
+    assert anat / "sub-01_desc-preproc_T1w.nii.gz" in images and len(images) >= 5
+    for image in images:
+        assert np.isfinite(nib.load(image).get_fdata()).all(), image.name  # complete, readable
+    assert json.loads((anat / "sub-01_qc.json").read_text())["source"] == "sub-01/anat/sub-01_T1w.nii.gz"
+    assert (out / "sub-01.html").is_file()
+    # it resumed: the nodes finished before the signal were reused, not run again
+    rerun_nodes = [p.parent.name for p, t in finished.items() if p.stat().st_mtime_ns != t]
+    assert finished and rerun_nodes == [], rerun_nodes
