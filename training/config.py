@@ -82,6 +82,11 @@ class OptimConfig:
     precise_bn: bool = True
     """Before each validation, recompute batch-norm statistics on the un-augmented training
     inputs (the running averages lag far behind in short CPU schedules)."""
+    restart_stalled: int = 0
+    """Retrain a network that never learned, at most this many times, each time from a new
+    seed: its best validation MAE stayed at or above ``stall_ratio`` times that of predicting
+    the mean training age for everyone (a network stuck at its output bias)."""
+    stall_ratio: float = 0.9
 
 
 @dataclass(frozen=True)
@@ -234,7 +239,10 @@ def config_from_dict(values: Mapping[str, Any]) -> TrainConfig:
         plateau_factor=_positive(opt.get("plateau_factor", 0.5), "optim.plateau_factor"),
         early_stopping_patience=_positive(opt.get("early_stopping_patience", 0),
                                           "optim.early_stopping_patience", int, allow_zero=True),
-        precise_bn=bool(opt.get("precise_bn", True)))
+        precise_bn=bool(opt.get("precise_bn", True)),
+        restart_stalled=_positive(opt.get("restart_stalled", 0), "optim.restart_stalled", int,
+                                  allow_zero=True),
+        stall_ratio=_positive(opt.get("stall_ratio", 0.9), "optim.stall_ratio", allow_zero=True))
     if not optim_cfg.plateau_factor < 1:
         raise UsageError(f"optim.plateau_factor must be < 1, got {optim_cfg.plateau_factor}")
 

@@ -318,7 +318,10 @@ def export_mlens(family, config, records: Sequence[ScanRecord], splits: Mapping[
                 "predictions": f"{model_id}/cv_predictions.tsv"},
             "ridge_baseline": ({"pooled": ridge["pooled"], "per_fold": ridge["per_fold"],
                                 "features": ridge["features"]} if ridge else None)},
-        "training": training_record(config, device, train_seconds, wall_seconds),
+        "training": {**training_record(config, device, train_seconds, wall_seconds),
+                     "stalled_restarts": [{"fold": k, "member": name, **restart}
+                                          for k in folds for name, result in fold_results[k].items()
+                                          for restart in result.get("stalled_restarts", [])]},
         "fine_tuned_from": None,
         "notes": exp.notes,
     }

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 
 from bidsapp.errors import UsageError
@@ -21,7 +22,10 @@ from .families import ModelFamily, get_family
 from .splits import load_or_create_splits
 from .trainer import Trainer
 
-__all__ = ["run_training", "resolve_init_from", "member_fold_dir"]
+__all__ = ["run_training", "resolve_init_from", "member_fold_dir", "constant_predictor_mae"]
+
+#: Seed step between restarts of a stalled network (far from the members' seed offsets).
+RESTART_SEED_STEP = 10_007
 
 LOGGER = logging.getLogger("brainage.training")
 
@@ -29,6 +33,61 @@ LOGGER = logging.getLogger("brainage.training")
 def member_fold_dir(work_dir: Path, member: str, fold: int) -> Path:
     """Folder of one fold of one ensemble member (``work_dir/fold{k}`` for a single network)."""
     return Path(work_dir) / member / f"fold{fold}" if member else Path(work_dir) / f"fold{fold}"
+
+
+def constant_predictor_mae(train: Sequence[Any], val: Sequence[Any]) -> float:
+    """Validation MAE of predicting the mean training age for everyone (a network's start).
+
+    Examples
+    --------
+    >>> from types import SimpleNamespace as R
+    >>> constant_predictor_mae([R(age=20.0), R(age=40.0)], [R(age=30.0), R(age=50.0)])
+    10.0
+    """
+    mean = float(np.mean([r.age for r in train]))
+    return float(np.mean([abs(r.age - mean) for r in val]))
+
+
+def _stalled_attempts(folder: Path) -> list[Path]:
+    return sorted(folder.parent.glob(f"{folder.name}-stalled*"),
+                  key=lambda p: int(p.name.rsplit("stalled", 1)[1]))
+
+
+def _train_member(trainer_cls, config: TrainConfig, member, cache, train, val, k: int, folder: Path,
+                  dist, *, resume: bool, init) -> tuple[Any, list[dict[str, Any]]]:
+    """Train one member on fold ``k``; retrain it from a new seed while it stalls.
+
+    A stalled attempt is kept beside the fold folder as ``fold<k>-stalled<n>`` (its metrics
+    explain the restart); a resumed run counts those folders and goes on with the next seed.
+    """
+    base_seed = config.seed + member.seed_offset
+    constant = constant_predictor_mae(train, val)
+    restarts = []
+    for attempt, previous in enumerate(_stalled_attempts(folder)):
+        restarts.append({"seed": base_seed + RESTART_SEED_STEP * attempt, "folder": previous.name,
+                         "best_val_mae": _best_val_mae(previous / "checkpoint_best.pt")})
+    while True:
+        seed = base_seed + RESTART_SEED_STEP * len(restarts)
+        member_config = config if seed == config.seed else dataclasses.replace(config, seed=seed)
+        trainer = trainer_cls(member_config, member.family, cache, train, val, k, folder, dist,
+                              resume=resume, init_state=init).run()
+        best = _best_val_mae(trainer.best_path)
+        if len(restarts) >= config.optim.restart_stalled or best < config.optim.stall_ratio * constant:
+            break
+        target = folder.with_name(f"{folder.name}-stalled{len(restarts)}")
+        LOGGER.warning("fold %d%s stalled (best validation MAE %.2f y, predicting the mean: %.2f y); "
+                       "retraining from seed %d", k, f" {member.name}" if member.name else "", best,
+                       constant, seed + RESTART_SEED_STEP)
+        dist.barrier()
+        if dist.is_main:
+            folder.rename(target)
+        dist.barrier()
+        restarts.append({"seed": seed, "folder": target.name, "best_val_mae": best})
+    return trainer, [{**r, "constant_val_mae": constant} for r in restarts]
+
+
+def _best_val_mae(path: Path) -> float:
+    return float(torch.load(path, map_location="cpu", weights_only=True)["val_mae"])
 
 
 def resolve_init_from(init_from: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -172,16 +231,16 @@ def run_training(config: TrainConfig, *, folds: Sequence[int] | None = None, res
             for member in members:
                 cache = caches[member.family.cache_tag()]
                 folder = member_fold_dir(work, member.name, k)
-                member_config = (config if not member.seed_offset else
-                                 dataclasses.replace(config, seed=config.seed + member.seed_offset))
                 if member.name:
                     LOGGER.info("fold %d: member %s", k, member.name)
-                trainer = trainer_cls(member_config, member.family, cache, train, val, k, folder,
-                                      dist, resume=resume, init_state=init).run()
+                trainer, restarts = _train_member(trainer_cls, config, member, cache, train, val, k,
+                                                  folder, dist, resume=resume, init=init)
                 if dist.is_main:
                     result = member.family.evaluate_fold(cache, test, trainer.best_path,
                                                          dist.device,
                                                          config.export.robustness_spacings_mm)
+                    if restarts:
+                        result["stalled_restarts"] = restarts
                     (folder / "evaluation.json").write_text(json.dumps(result, indent=1),
                                                             encoding="utf-8")
                     if not family.ensemble:

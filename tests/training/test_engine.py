@@ -191,3 +191,34 @@ def test_precise_batchnorm_uses_the_training_set_statistics(tiny_config):
     cfg = load_config(tiny_config("pbn", max_epochs=2, batch_size=4))
     run_training(cfg, folds=[0], export=False, trainer_cls=_CheckPreciseBatchNorm)
     assert _CheckPreciseBatchNorm.checked == 2
+
+
+def test_a_stalled_network_is_retrained_from_new_seeds_and_resume_keeps_the_attempts(tiny_config):
+    # stall_ratio 0: no validation MAE is below 0 x the mean predictor's, so both restarts happen
+    config = load_config(tiny_config("stall", max_epochs=2),
+                         ["optim.restart_stalled=2", "optim.stall_ratio=0"])
+    run_training(config, folds=[0], export=False)
+    fold = config.work_dir / "fold0"
+    attempts = [config.work_dir / "fold0-stalled0", config.work_dir / "fold0-stalled1", fold]
+    assert all((a / "checkpoint_final.pt").is_file() for a in attempts)
+    first_conv = [_weights(a / "checkpoint_final.pt")["features.conv0.weight"] for a in attempts]
+    assert not torch.equal(first_conv[0], first_conv[1]) and not torch.equal(first_conv[1], first_conv[2])
+    restarts = json.loads((fold / "evaluation.json").read_text())["stalled_restarts"]
+    assert [r["seed"] for r in restarts] == [7, 7 + 10_007]
+    assert [r["folder"] for r in restarts] == ["fold0-stalled0", "fold0-stalled1"]
+    val_maes = [torch.load(a / "checkpoint_best.pt", weights_only=True)["val_mae"] for a in attempts[:2]]
+    assert [r["best_val_mae"] for r in restarts] == pytest.approx(val_maes)
+    # the first attempt is the plain run: the same seed gives the same weights (stall_ratio
+    # 1000: any network beats 1000 x the mean predictor's MAE, so none restarts)
+    plain = load_config(tiny_config("unstalled", max_epochs=2),
+                        ["optim.restart_stalled=2", "optim.stall_ratio=1000"])
+    run_training(plain, folds=[0], export=False)
+    assert torch.equal(first_conv[0], _weights(plain.work_dir / "fold0" / "checkpoint_final.pt")
+                       ["features.conv0.weight"])
+    assert not (plain.work_dir / "fold0-stalled0").exists()
+    assert "stalled_restarts" not in json.loads((plain.work_dir / "fold0" / "evaluation.json").read_text())
+    # resuming counts the kept attempts and trains nothing again
+    stamp = (fold / "checkpoint_final.pt").stat().st_mtime_ns
+    run_training(config, folds=[0], export=False, resume=True)
+    assert (fold / "checkpoint_final.pt").stat().st_mtime_ns == stamp
+    assert json.loads((fold / "evaluation.json").read_text())["stalled_restarts"] == restarts

@@ -21,6 +21,7 @@ def test_reduced_cpu_config_is_valid():
     assert base.spec.resolution_mm == 4.0 and base.in_shape == (42, 50, 42)
     assert len(family.members()) == 5 and config.optim.lr == 5e-4
     assert config.export.robustness_spacings_mm == ()
+    assert config.optim.restart_stalled == 3 and config.optim.stall_ratio == 0.9
 
 
 def test_full_config_builds_the_paper_network_and_trains_one_step():
