@@ -19,6 +19,7 @@ __all__ = [
     "grid_spacing",
     "antialias_sigma",
     "resample_to_grid",
+    "data_on_grid",
     "working_grid",
     "mask_bounding_box",
     "crop",
@@ -147,6 +148,47 @@ def resample_to_grid(img: nib.spatialimages.SpatialImage, shape: tuple[int, int,
         out = ndi.affine_transform(data, matrix, offset=vox2vox[:3, 3], output_shape=shape, order=order,
                                    mode=mode, cval=cval, prefilter=order > 1)
     return new_image(out, affine, dtype)
+
+
+def data_on_grid(img: nib.spatialimages.SpatialImage, shape: tuple[int, int, int],
+                 affine: np.ndarray, *, atol: float = 1e-3) -> tuple[np.ndarray, bool]:
+    """float32 voxel values of an image on the grid ``(shape, affine)``, resampled if need be.
+
+    An image already on the grid (same shape, affine equal within ``atol``) is read as it is;
+    any other is resampled onto it (anti-aliased trilinear, :func:`resample_to_grid`).  A
+    singleton fourth axis is dropped first.
+
+    Parameters
+    ----------
+    img : nibabel image
+        3D source image, or 4D with one volume.
+    shape : tuple of 3 int
+        Grid shape.
+    affine : ndarray, shape (4, 4)
+        Grid voxel-to-world matrix.
+    atol : float, default 1e-3
+        Tolerance of the affine comparison.
+
+    Returns
+    -------
+    data : ndarray of float32, shape ``shape``
+    resampled : bool
+        Whether the image was off the grid and had to be resampled.
+
+    Examples
+    --------
+    >>> img = new_image(np.ones((4, 4, 4)), np.eye(4))
+    >>> data, resampled = data_on_grid(img, (4, 4, 4), np.eye(4))
+    >>> data.dtype, resampled
+    (dtype('float32'), False)
+    >>> data_on_grid(img, (2, 2, 2), np.diag([2.0, 2.0, 2.0, 1.0]))[1]
+    True
+    """
+    if len(img.shape) == 4 and img.shape[3] == 1:
+        img = img.slicer[..., 0]
+    if tuple(img.shape) == tuple(shape) and np.allclose(img.affine, affine, atol=atol):
+        return np.asarray(img.dataobj, dtype=np.float32), False
+    return resample_to_grid(img, shape, affine, order=1, antialias=True).get_fdata(dtype=np.float32), True
 
 
 def working_grid(img: nib.spatialimages.SpatialImage,

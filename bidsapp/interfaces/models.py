@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Any
 
 from nipype.interfaces.base import (BaseInterfaceInputSpec, File, InputMultiObject,
                                     SimpleInterface, Str, TraitedSpec, isdefined, traits)
@@ -43,6 +44,61 @@ def _models_dir(inputs):
     return inputs.models_dir if isdefined(inputs.models_dir) and inputs.models_dir else None
 
 
+def _load_predictor(predictor_cls: type, inputs: Any, **kwargs: Any) -> Any:
+    """The node's predictor, with torch limited to the node's CPU threads.
+
+    Parameters
+    ----------
+    predictor_cls : type
+        A predictor class of :mod:`bidsapp.inference` (it has ``from_models_dir``).
+    inputs : nipype input spec
+        The node's inputs: ``num_threads``, ``models_dir`` and ``device``.
+    **kwargs
+        Further arguments of ``predictor_cls.from_models_dir``.
+
+    Returns
+    -------
+    object
+        The predictor, its card read from the node's models folder (default: the installed
+        models) and its networks on the node's device.
+    """
+    import torch
+
+    torch.set_num_threads(max(1, inputs.num_threads))
+    return predictor_cls.from_models_dir(_models_dir(inputs), device=inputs.device, **kwargs)
+
+
+def _write_prediction(cwd: str, model_id: str, result: Any, details: dict[str, Any],
+                      maps: list[dict[str, Any]]) -> str:
+    """Write the prediction record the derivatives sink reads; returns its path.
+
+    Parameters
+    ----------
+    cwd : str
+        The node's working directory.
+    model_id : str
+        The model's id.
+    result : prediction
+        The predictor's result (``brain_age``, ``lower`` and ``upper``).
+    details : dict
+        Model-specific details of the prediction (JSON-serialisable).
+    maps : list of dict
+        The maps and tables the sink writes (``file``, ``suffix``, ``meta``, ...).
+
+    Returns
+    -------
+    str
+        Path of ``prediction.json`` in ``cwd``.
+    """
+    record = {"model": model_id, "brain_age": result.brain_age,
+              "brain_age_lower": result.lower, "brain_age_upper": result.upper,
+              "details": details, "maps": maps}
+    path = os.path.join(cwd, "prediction.json")
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(record, handle, indent=2)
+    return path
+
+
 class DenseNetClinicalPredict(SimpleInterface):
     """Brain age with the densenet-clinical ensemble (seed 004) and its relevance map.
 
@@ -57,17 +113,12 @@ class DenseNetClinicalPredict(SimpleInterface):
     output_spec = _DenseNetClinicalPredictOutputSpec
 
     def _run_interface(self, runtime):
-        import torch
-
         from ..explain import warp_to_template
         from ..inference.densenet_clinical import MODEL_ID, DenseNetClinicalPredictor
         from ..templates import TEMPLATE_SPACE
 
         inputs = self.inputs
-        torch.set_num_threads(max(1, inputs.num_threads))
-        predictor = DenseNetClinicalPredictor.from_models_dir(
-            _models_dir(inputs),
-            device=inputs.device)
+        predictor = _load_predictor(DenseNetClinicalPredictor, inputs)
         volume, views = predictor.prepare(inputs.t1w_preproc, inputs.t1w_mask)
         result = predictor.predict_prepared(views)
         self._results.update(brain_age=result.brain_age, brain_age_lower=result.lower,
@@ -90,16 +141,9 @@ class DenseNetClinicalPredict(SimpleInterface):
                 self._results["relevance_map_std"] = std
                 maps.append({"file": std, "suffix": "relevancemap", "space": TEMPLATE_SPACE,
                              "res": "2", "meta": meta})
-        record = {"model": MODEL_ID, "brain_age": result.brain_age,
-                  "brain_age_lower": result.lower, "brain_age_upper": result.upper,
-                  "details": {"fold_predictions": list(result.fold_predictions),
-                              "n_views": result.n_views, "thick_slice": result.thick_slice,
-                              "variant": predictor.card.get("variant")},
-                  "maps": maps}
-        path = os.path.join(runtime.cwd, "prediction.json")
-        with open(path, "w", encoding="utf-8") as handle:
-            json.dump(record, handle, indent=2)
-        self._results["prediction"] = path
+        details = {"fold_predictions": list(result.fold_predictions), "n_views": result.n_views,
+                   "thick_slice": result.thick_slice, "variant": predictor.card.get("variant")}
+        self._results["prediction"] = _write_prediction(runtime.cwd, MODEL_ID, result, details, maps)
         return runtime
 
 
@@ -144,17 +188,13 @@ class MLensPredict(SimpleInterface):
         import time
 
         import numpy as np
-        import torch
 
         from ..explain.lrp import LRP_RULES
         from ..inference.mlens import MODEL_ID, MLensPredictor
         from ..templates import TEMPLATE_SPACE
 
         inputs = self.inputs
-        torch.set_num_threads(max(1, inputs.num_threads))
-        predictor = MLensPredictor.from_models_dir(
-            _models_dir(inputs),
-            device=inputs.device)
+        predictor = _load_predictor(MLensPredictor, inputs)
         prepared = predictor.prepare(inputs.std_t1w)
         result = predictor.predict_prepared(prepared)
         self._results.update(brain_age=result.brain_age, brain_age_lower=result.lower,
@@ -188,13 +228,7 @@ class MLensPredict(SimpleInterface):
                     "Units": "years"}
             maps.append({"file": std, "suffix": "relevancemap", "space": TEMPLATE_SPACE,
                          "res": "2", "meta": meta})
-        record = {"model": MODEL_ID, "brain_age": result.brain_age,
-                  "brain_age_lower": result.lower, "brain_age_upper": result.upper,
-                  "details": details, "maps": maps}
-        path = os.path.join(runtime.cwd, "prediction.json")
-        with open(path, "w", encoding="utf-8") as handle:
-            json.dump(record, handle, indent=2)
-        self._results["prediction"] = path
+        self._results["prediction"] = _write_prediction(runtime.cwd, MODEL_ID, result, details, maps)
         return runtime
 
 
@@ -237,17 +271,13 @@ class LocalUNetPredict(SimpleInterface):
     def _run_interface(self, runtime):
         import math
 
-        import torch
-
         from ..errors import InputMissingError
         from ..inference.local_unet import MODEL_ID, LocalUNetPredictor, roi_table
         from ..templates import TEMPLATE_SPACE
 
         inputs = self.inputs
-        torch.set_num_threads(max(1, inputs.num_threads))
-        predictor = LocalUNetPredictor.from_models_dir(
-            _models_dir(inputs),
-            device=inputs.device,
+        predictor = _load_predictor(
+            LocalUNetPredictor, inputs,
             mc_samples=inputs.mc_samples if isdefined(inputs.mc_samples) else None)
         grid = "res1p5" if predictor.spec.source_resolution_mm == 1.5 else "res2"
         paths = getattr(inputs, f"std_mod_tpms_{grid}")
@@ -282,17 +312,11 @@ class LocalUNetPredict(SimpleInterface):
         self._results["roi_table"] = table
         maps.append({"file": table, "suffix": "brainageroi", "extension": ".tsv",
                      "space": TEMPLATE_SPACE, "res": "2", "meta": _ROI_COLUMNS})
-        record = {"model": MODEL_ID, "brain_age": result.brain_age,
-                  "brain_age_lower": result.lower, "brain_age_upper": result.upper,
-                  "details": {"n_folds": result.n_folds, "mc_samples": result.mc_samples,
-                              "sample_global": list(result.sample_global),
-                              "input_resolution_mm": predictor.spec.resolution_mm,
-                              "variant": predictor.card.get("variant")},
-                  "maps": maps}
-        path = os.path.join(runtime.cwd, "prediction.json")
-        with open(path, "w", encoding="utf-8") as handle:
-            json.dump(record, handle, indent=2)
-        self._results["prediction"] = path
+        details = {"n_folds": result.n_folds, "mc_samples": result.mc_samples,
+                   "sample_global": list(result.sample_global),
+                   "input_resolution_mm": predictor.spec.resolution_mm,
+                   "variant": predictor.card.get("variant")}
+        self._results["prediction"] = _write_prediction(runtime.cwd, MODEL_ID, result, details, maps)
         return runtime
 
 

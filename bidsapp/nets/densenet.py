@@ -27,20 +27,14 @@ from monai.networks.layers.utils import get_act_layer, get_norm_layer
 from monai.networks.nets.densenet import _DenseBlock, _Transition
 from torch import nn
 
+from ._checks import check_int, check_net_args
+
 __all__ = ["DenseNetRegressor", "densenet169_regressor", "DENSENET169_BLOCKS", "LEAKY_RELU"]
 
 #: Layers per dense block of DenseNet-169.
 DENSENET169_BLOCKS = (6, 12, 32, 32)
 #: The seed paper's activation: LeakyReLU with negative slope 0.01.
 LEAKY_RELU = ("leakyrelu", {"negative_slope": 0.01, "inplace": True})
-
-
-def _check_positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return value
 
 
 class DenseNetRegressor(nn.Module):
@@ -80,17 +74,13 @@ class DenseNetRegressor(nn.Module):
                  dropout_prob: float = 0.0, drop_last_transition: bool = True,
                  target_offset: float = 0.0, target_scale: float = 1.0) -> None:
         super().__init__()
-        if spatial_dims not in (1, 2, 3):
-            raise ValueError(f"spatial_dims must be 1, 2 or 3, got {spatial_dims!r}")
-        for name, value in (("in_channels", in_channels), ("out_channels", out_channels),
-                            ("init_features", init_features), ("growth_rate", growth_rate),
-                            ("bn_size", bn_size)):
-            _check_positive_int(name, value)
+        check_net_args(spatial_dims, (1, 2, 3), in_channels=in_channels, out_channels=out_channels,
+                       init_features=init_features, growth_rate=growth_rate, bn_size=bn_size)
         block_config = tuple(block_config)
         if not block_config:
             raise ValueError("block_config must name at least one dense block")
         for i, layers in enumerate(block_config):
-            _check_positive_int(f"block_config[{i}]", layers)
+            check_int(f"block_config[{i}]", layers)
         if not 0.0 <= float(dropout_prob) < 1.0:
             raise ValueError(f"dropout_prob must be in [0, 1), got {dropout_prob!r}")
         if not float(target_scale) > 0:

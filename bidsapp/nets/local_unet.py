@@ -35,19 +35,13 @@ from monai.networks.layers.factories import Conv, Pool
 from monai.networks.layers.utils import get_act_layer
 from torch import nn
 
+from ._checks import check_int, check_net_args
+
 __all__ = ["LocalUNet", "local_unet_sizes", "local_unet_input_size", "enable_mc_dropout",
            "LOCAL_UNET_ACT"]
 
 #: The paper's activation: LeakyReLU with slope 0.2.
 LOCAL_UNET_ACT = ("leakyrelu", {"negative_slope": 0.2, "inplace": False})
-
-
-def _check_int(name: str, value: object, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
 
 
 def local_unet_sizes(in_size: int, depth: int = 2, convs_per_scale: int = 2) -> dict[str, Any]:
@@ -83,9 +77,9 @@ def local_unet_sizes(in_size: int, depth: int = 2, convs_per_scale: int = 2) -> 
     >>> local_unet_sizes(52)
     {'encoder': [48, 20], 'bottom': 6, 'decoder': [8, 12], 'output': 12, 'margin': 20}
     """
-    _check_int("in_size", in_size)
-    _check_int("depth", depth, 0)
-    _check_int("convs_per_scale", convs_per_scale)
+    check_int("in_size", in_size)
+    check_int("depth", depth, 0)
+    check_int("convs_per_scale", convs_per_scale)
     shrink = 2 * convs_per_scale
     side, encoder = in_size, []
     for level in range(depth):
@@ -120,7 +114,7 @@ def local_unet_input_size(out_size: int, depth: int = 2, convs_per_scale: int = 
     >>> local_unet_input_size(12)
     52
     """
-    _check_int("out_size", out_size)
+    check_int("out_size", out_size)
     in_size = out_size + 2 * convs_per_scale * (3 * 2 ** depth - 2)
     local_unet_sizes(in_size, depth, convs_per_scale)  # raises if the geometry is invalid
     return in_size
@@ -196,13 +190,10 @@ class LocalUNet(nn.Module):
                  dropout: float = 0.0, target_offset: float = 0.0,
                  target_scale: float = 1.0) -> None:
         super().__init__()
-        if spatial_dims not in (2, 3):
-            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
-        for name, value in (("in_channels", in_channels), ("out_channels", out_channels),
-                            ("init_channels", init_channels), ("convs_per_scale", convs_per_scale),
-                            ("se_reduction", se_reduction)):
-            _check_int(name, value)
-        _check_int("depth", depth, 1)
+        check_net_args(spatial_dims, in_channels=in_channels, out_channels=out_channels,
+                       init_channels=init_channels, convs_per_scale=convs_per_scale,
+                       se_reduction=se_reduction)
+        check_int("depth", depth, 1)
         if not 0.0 <= float(dropout) < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
         if not float(target_scale) > 0:

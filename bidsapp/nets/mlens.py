@@ -25,6 +25,8 @@ from monai.networks.layers.factories import Conv, Pool
 from monai.networks.layers.utils import get_act_layer
 from torch import nn
 
+from ._checks import check_int, check_net_args
+
 __all__ = ["MLensCNN", "MLENS_FILTERS", "MLENS_KERNELS", "MLENS_LEAKY_RELU", "MLENS_RELU",
            "mlens_feature_shape"]
 
@@ -50,14 +52,6 @@ def mlens_feature_shape(in_shape: Sequence[int], n_blocks: int = 5, pool_stride:
     for _ in range(n_blocks):
         shape = [-(-s // pool_stride) for s in shape]  # ceil division: "same" pooling
     return tuple(shape)
-
-
-def _check_int(name: str, value: object, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
 
 
 class MLensCNN(nn.Module):
@@ -95,13 +89,9 @@ class MLensCNN(nn.Module):
                  act: str | tuple = MLENS_LEAKY_RELU, pool_size: int = 3, pool_stride: int = 2,
                  dropout: float = 0.5, dense_units: int = 64, output_bias: float = 0.0) -> None:
         super().__init__()
-        if spatial_dims not in (2, 3):
-            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
-        for name, value in (("in_channels", in_channels), ("out_channels", out_channels),
-                            ("pool_size", pool_size), ("pool_stride", pool_stride),
-                            ("dense_units", dense_units)):
-            _check_int(name, value)
-        in_shape = tuple(_check_int(f"in_shape[{i}]", s) for i, s in enumerate(in_shape))
+        check_net_args(spatial_dims, in_channels=in_channels, out_channels=out_channels,
+                       pool_size=pool_size, pool_stride=pool_stride, dense_units=dense_units)
+        in_shape = tuple(check_int(f"in_shape[{i}]", s) for i, s in enumerate(in_shape))
         if len(in_shape) != spatial_dims:
             raise ValueError(f"in_shape must have {spatial_dims} sides, got {in_shape}")
         filters, kernel_sizes = tuple(filters), tuple(kernel_sizes)
@@ -109,8 +99,8 @@ class MLensCNN(nn.Module):
             raise ValueError(f"filters and kernel_sizes must be non-empty and of equal length, "
                              f"got {filters} and {kernel_sizes}")
         for i, (f, k) in enumerate(zip(filters, kernel_sizes)):
-            _check_int(f"filters[{i}]", f)
-            if _check_int(f"kernel_sizes[{i}]", k) % 2 == 0:
+            check_int(f"filters[{i}]", f)
+            if check_int(f"kernel_sizes[{i}]", k) % 2 == 0:
                 raise ValueError(f"kernel_sizes[{i}] must be odd ('same' padding), got {k}")
         if not 0.0 <= float(dropout) < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")

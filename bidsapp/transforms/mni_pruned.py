@@ -33,15 +33,15 @@ failure, or an unusually large head) are cut off; :func:`prepare_mni_input` repo
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Mapping
 
 import nibabel as nib
 import numpy as np
 
 from ..errors import ImageError
+from ._spec import SpecTable
 from .base import Volume
 
 __all__ = ["MLENS_REGIONS", "MNIPrunedSpec", "mni_region_masks", "pruning_box", "prune",
@@ -58,7 +58,7 @@ _SOURCE_RES = 2.0  # the participant level writes the MNI-space T1w on the 2 mm 
 
 
 @dataclass(frozen=True)
-class MNIPrunedSpec:
+class MNIPrunedSpec(SpecTable):
     """Parameters of the seed-002 input preparation.
 
     Parameters
@@ -97,19 +97,6 @@ class MNIPrunedSpec:
         if not 50.0 <= float(self.reference_percentile) <= 100.0:
             raise ValueError(f"reference_percentile must be in [50, 100], got "
                              f"{self.reference_percentile!r}")
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> "MNIPrunedSpec":
-        """Build from a config table; unknown keys are refused (naming the allowed ones)."""
-        allowed = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - allowed)
-        if unknown:
-            raise ValueError(f"unknown input parameter(s) {unknown}; allowed: {sorted(allowed)}")
-        return cls(**dict(values))
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain dict (JSON/TOML-serialisable)."""
-        return asdict(self)
 
 
 @lru_cache(maxsize=1)
@@ -220,20 +207,15 @@ def scale_to_uint8(data: np.ndarray, *, reference: float, clip_factor: float = 1
 
 
 def _load_on_template_grid(std_t1w) -> np.ndarray:
-    from ..anat.grid import resample_to_grid
+    from ..anat.grid import data_on_grid
 
     img = nib.load(str(std_t1w)) if isinstance(std_t1w, (str, Path)) else std_t1w
-    if len(img.shape) == 4 and img.shape[3] == 1:
-        img = img.slicer[..., 0]
-    if len(img.shape) != 3:
+    if len(img.shape) != 3 and img.shape[3:] != (1,):  # a singleton 4th axis is dropped
         raise ImageError(f"{std_t1w}: expected a 3D MNI-space T1w, got shape {img.shape}")
     tpl = _template(_SOURCE_RES)
-    if tuple(img.shape) == tuple(tpl.shape) and np.allclose(img.affine, tpl.affine, atol=1e-3):
-        data = np.asarray(img.dataobj, dtype=np.float32)
-    else:
+    data, resampled = data_on_grid(img, tpl.shape, tpl.affine)
+    if resampled:
         LOGGER.warning("%s is not on the 2 mm %s grid; resampling it", std_t1w, MNI_T1W_ENTITIES["space"])
-        data = resample_to_grid(img, tpl.shape, tpl.affine, order=1, antialias=True).get_fdata(
-            dtype=np.float32)
     if not np.all(np.isfinite(data)):
         data = np.nan_to_num(data, nan=0.0, posinf=0.0, neginf=0.0)
     return data

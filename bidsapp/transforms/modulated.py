@@ -24,15 +24,15 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Mapping
 
 import nibabel as nib
 import numpy as np
 
 from ..errors import ImageError, InputMissingError
+from ._spec import SpecTable
 
 __all__ = ["ModulatedInputSpec", "ModulatedInput", "MODULATED_TISSUES", "modulated_paths",
            "smooth_fwhm", "brain_box", "brain_mask", "prepare_modulated_input",
@@ -47,7 +47,7 @@ _FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
 
 
 @dataclass(frozen=True)
-class ModulatedInputSpec:
+class ModulatedInputSpec(SpecTable):
     """Parameters of the seed-000 input preparation.
 
     Parameters
@@ -77,19 +77,6 @@ class ModulatedInputSpec:
     def source_resolution_mm(self) -> float:
         """Grid of the participant-level maps that are read (1.5 or 2 mm)."""
         return 1.5 if self.resolution_mm < 2.0 else 2.0
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> "ModulatedInputSpec":
-        """Build from a config table; unknown keys are refused (naming the allowed ones)."""
-        allowed = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - allowed)
-        if unknown:
-            raise ValueError(f"unknown input parameter(s) {unknown}; allowed: {sorted(allowed)}")
-        return cls(**dict(values))
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain dict (JSON/TOML-serialisable)."""
-        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -212,23 +199,18 @@ def _box_affine(spec: ModulatedInputSpec) -> np.ndarray:
 
 
 def _load_on_grid(path, resolution_mm: float) -> np.ndarray:
-    from ..anat.grid import resample_to_grid
+    from ..anat.grid import data_on_grid
 
     try:
         img = nib.load(str(path)) if isinstance(path, (str, Path)) else path
     except Exception as exc:  # noqa: BLE001 - nibabel raises several types for broken files
         raise ImageError(f"cannot read {path}: {exc}") from exc
-    if len(img.shape) == 4 and img.shape[3] == 1:
-        img = img.slicer[..., 0]
-    if len(img.shape) != 3:
+    if len(img.shape) != 3 and img.shape[3:] != (1,):  # a singleton 4th axis is dropped
         raise ImageError(f"{path}: expected a 3D modulated map, got shape {img.shape}")
     tpl = _template(resolution_mm)
-    if tuple(img.shape) == tuple(tpl.shape) and np.allclose(img.affine, tpl.affine, atol=1e-3):
-        data = np.asarray(img.dataobj, dtype=np.float32)
-    else:
+    data, resampled = data_on_grid(img, tpl.shape, tpl.affine)
+    if resampled:
         LOGGER.warning("%s is not on the %g mm template grid; resampling it", path, resolution_mm)
-        data = resample_to_grid(img, tpl.shape, tpl.affine, order=1, antialias=True).get_fdata(
-            dtype=np.float32)
     return np.nan_to_num(data, nan=0.0, posinf=0.0, neginf=0.0)
 
 

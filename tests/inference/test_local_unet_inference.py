@@ -24,9 +24,11 @@ from bidsapp.templates import get_template
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests" / "training"))  # the shared tiny training configs
 from training.config import load_config  # noqa: E402
 from training.run import run_training  # noqa: E402
 from training.synthetic import make_synthetic_dataset  # noqa: E402
+from training_configs import engine_config_text  # noqa: E402
 
 AGES = (22.0, 35.0, 48.0, 61.0, 74.0, 87.0)
 
@@ -38,41 +40,13 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("localunet")
     bids, derivs = make_synthetic_dataset(root / "data", AGES, shape=(12, 12, 12), modulated=True)
     cfg = root / "tiny.toml"
-    cfg.write_text(f"""
-family = "local-unet"
-seed = 1
-work_dir = "{root / 'work'}"
-[data]
-bids_dir = "{bids}"
-derivatives = ["{derivs}"]
-folds = 2
-val_fraction = 0.2
-[model]
-init_channels = 2
-depth = 2
-convs_per_scale = 1
-block_size = 30
-dropout = 0.2
-blocks_per_scan = 2
-val_blocks = 2
-[input]
-resolution_mm = 8.0
-[optim]
-lr = 1e-3
-batch_size = 2
-max_epochs = 1
-[runtime]
-device = "cpu"
-progress = false
-num_threads = 1
-[export]
-model_id = "local-unet"
-variant = "tiny-test"
-models_dir = "{root / 'models'}"
-fp16 = "never"
-robustness_spacings_mm = []
-ridge_baseline = false
-""")
+    cfg.write_text(engine_config_text(
+        "local-unet", bids, derivs, root / "work", root / "models", seed=1, folds=2,
+        val_fraction=0.2,
+        model={"init_channels": 2, "depth": 2, "convs_per_scale": 1, "block_size": 30,
+               "dropout": 0.2, "blocks_per_scan": 2, "val_blocks": 2},
+        inputs={"resolution_mm": 8.0}, optim={"lr": 1e-3, "batch_size": 2, "max_epochs": 1},
+        export={"fp16": "never", "robustness_spacings_mm": [], "ridge_baseline": False}))
     run_training(load_config(cfg))
     anat = derivs / "sub-s004" / "anat"
     return root / "models", anat, AGES[4]

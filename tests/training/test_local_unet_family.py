@@ -19,6 +19,7 @@ from training.config import load_config
 from training.families import LocalUNetFamily, get_family
 from training.run import run_training
 from training.synthetic import make_synthetic_dataset
+from training_configs import engine_config_text
 
 AGES = tuple(np.round(np.linspace(20, 85, 18), 2))
 CONFIGS = Path(__file__).resolve().parents[2] / "training" / "configs"
@@ -36,41 +37,13 @@ def synthetic(tmp_path_factory):
 
 def _config(synthetic, root: Path, model: dict, *, epochs: int, lr: float = 1e-3,
             batch: int = 4, folds: int = 3, seed: int = 3, ridge: bool = False) -> Path:
-    bids, derivs = synthetic
-    table = "\n".join(f"{k} = {json.dumps(v)}" for k, v in model.items())
     path = root / "config.toml"
-    path.write_text(f"""
-family = "local-unet"
-seed = {seed}
-work_dir = "{root / 'work'}"
-[data]
-bids_dir = "{bids}"
-derivatives = ["{derivs}"]
-folds = {folds}
-val_fraction = 0.15
-[model]
-{table}
-[input]
-resolution_mm = 8.0
-[optim]
-lr = {lr}
-betas = [0.9, 0.999]
-weight_decay = 0.0
-batch_size = {batch}
-max_epochs = {epochs}
-plateau_patience = 100
-[runtime]
-device = "cpu"
-progress = false
-num_threads = 1
-[export]
-model_id = "local-unet"
-variant = "tiny-test"
-models_dir = "{root / 'models'}"
-fp16 = "never"
-robustness_spacings_mm = []
-ridge_baseline = {str(ridge).lower()}
-""")
+    path.write_text(engine_config_text(
+        "local-unet", *synthetic, root / "work", root / "models", seed=seed, folds=folds,
+        val_fraction=0.15, model=model, inputs={"resolution_mm": 8.0},
+        optim={"lr": lr, "betas": [0.9, 0.999], "weight_decay": 0.0, "batch_size": batch,
+               "max_epochs": epochs, "plateau_patience": 100},
+        export={"fp16": "never", "robustness_spacings_mm": [], "ridge_baseline": ridge}))
     return path
 
 

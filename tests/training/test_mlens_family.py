@@ -21,53 +21,22 @@ from training.ensemble import conformal_halfwidth, fit_ridge, grouped_folds
 from training.families import get_family
 from training.run import run_training
 from training.synthetic import make_synthetic_dataset
+from training_configs import engine_config_text
 
 AGES = tuple(np.round(np.linspace(20, 85, 15), 2))
 SUBS = ["T1w-cortical", "T1w-subcortical", "T1w-cerebellum"]
 
 
 def _config(bids, derivs, root, *, ensemble_type="ii", folds=3, epochs=4):
-    return f"""
-family = "mlens"
-seed = 5
-work_dir = "{root / 'work'}"
-
-[data]
-bids_dir = "{bids}"
-derivatives = ["{derivs}"]
-folds = {folds}
-val_fraction = 0.2
-
-[model]
-ensemble_type = "{ensemble_type}"
-base_models = 2
-filters = [4, 4, 8, 8, 4]
-dense_units = 8
-top_folds = 3
-
-[input]
-resolution_mm = 8.0
-
-[optim]
-lr = 1e-3
-betas = [0.9, 0.999]
-weight_decay = 0.0
-batch_size = 4
-max_epochs = {epochs}
-plateau_patience = 100
-
-[runtime]
-device = "cpu"
-progress = false
-num_threads = 1
-
-[export]
-model_id = "mlens"
-variant = "tiny-test"
-models_dir = "{root / 'models'}"
-fp16 = "never"
-robustness_spacings_mm = []
-"""
+    return engine_config_text(
+        "mlens", bids, derivs, root / "work", root / "models", seed=5, folds=folds,
+        val_fraction=0.2,
+        model={"ensemble_type": ensemble_type, "base_models": 2, "filters": [4, 4, 8, 8, 4],
+               "dense_units": 8, "top_folds": 3},
+        inputs={"resolution_mm": 8.0},
+        optim={"lr": 1e-3, "betas": [0.9, 0.999], "weight_decay": 0.0, "batch_size": 4,
+               "max_epochs": epochs, "plateau_patience": 100},
+        export={"fp16": "never", "robustness_spacings_mm": []})
 
 
 @pytest.fixture(scope="module")
