@@ -81,3 +81,27 @@ def test_the_lock_record_names_the_holder(tmp_path):
         record = json.loads(lock_path(tmp_path, "01").read_text())
     assert record["pid"] == os.getpid() and record["run_uuid"] == "abc"
     assert abs(time.mktime(time.strptime(record["started"], "%Y-%m-%dT%H:%M:%S")) - time.time()) < 60
+
+
+def _unit(subject, session):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(source=SimpleNamespace(subject=subject), session=session)
+
+
+def test_held_participants_are_left_out_and_a_run_with_none_left_is_refused(caplog):
+    import pytest
+
+    from bidsapp.cli.participant import _without_busy
+    from bidsapp.errors import ParticipantBusyError
+
+    a1, a2, b, c = _unit("01", "A"), _unit("01", "B"), _unit("02", None), _unit("03", None)
+    busy = {"01": "sub-01 is being processed into this output directory by process 9"}
+    units, good, bad = _without_busy(busy, [a1, a2, b, c], [a1, a2, b], [(c, "unusable")])
+    assert units == [b, c] and good == [b] and bad == [(c, "unusable")]
+    assert "sub-01 is being processed" in caplog.text
+    # nothing usable left besides the held participant: refused (exit 75), with the holder's words
+    with pytest.raises(ParticipantBusyError, match="^sub-01 is being processed"):
+        _without_busy(busy, [a1, a2], [a1, a2], [])
+    with pytest.raises(ParticipantBusyError, match="1 selected participant.*no usable T1w"):
+        _without_busy(busy, [a1, c], [a1], [(c, "unusable")])
