@@ -22,7 +22,8 @@ from bidsapp.errors import UsageError
 from .data import ScanRecord
 
 __all__ = ["ModelFamily", "Member", "DenseNetClinicalFamily", "MLensBaseFamily", "MLensFamily",
-           "LocalUNetFamily", "register_family", "get_family", "available_families"]
+           "LocalUNetFamily", "VGGCBVFamily", "register_family", "get_family",
+           "available_families"]
 
 
 @dataclass(frozen=True)
@@ -222,7 +223,7 @@ def mni_t1w_path(record: ScanRecord):
     path = record.t1w.parent / (f"{record.key}_space-{E['space']}_res-{E['res']}_"
                                 f"desc-{E['desc']}_{E['suffix']}.nii.gz")
     if not path.is_file():
-        raise InputMissingError(f"{path} is missing: the mlens family reads the MNI-space T1w "
+        raise InputMissingError(f"{path} is missing: this model family reads the MNI-space T1w "
                                 "of `brainage ... participant`; rerun the participant level")
     return path
 
@@ -637,3 +638,137 @@ def get_family(name: str, model_params: Mapping[str, Any], input_params: Mapping
         raise UsageError(f"unknown model family {name!r}; available: {', '.join(available_families())} "
                          "(other seed families register themselves when they are added)")
     return _FAMILIES[name](model_params, input_params)
+
+
+@register_family
+class VGGCBVFamily(ModelFamily):
+    """Seed 003 (Jomsky et al.): VGG8 on the MNI-space T1w, linear stacking of its prediction.
+
+    ``[model]`` holds ``branch`` (only ``"t1w"`` so far: the synthetic-CBV branch and the
+    two-channel network need the CBV synthesis network), ``channels`` (16, 32, 64, 128, 256),
+    ``dense_units`` (512, 128) and ``dropout`` (0).  ``[input]`` holds
+    :class:`bidsapp.transforms.mni_affine.MNIAffineSpec` keys.  Training minimises the L1 loss
+    (:class:`training.trainer.L1Trainer`).  The card gets the paper's stacks on the cross-validation
+    predictions (``T`` and, with sex known, ``TS``), their nested F-test and MAE per 5-year
+    age band and per site (:mod:`training.stacking`).
+    """
+
+    name = "vgg-cbv"
+    seed_paper = ("Jomsky et al., integrating AI-synthesised cerebral blood volume (AICBV) with "
+                  "T1w MRI for brain age: 3D VGG8 per modality, linear stacking (seed 003)")
+    _NET_KEYS = {"branch", "channels", "dense_units", "dropout"}
+
+    def __init__(self, model_params: Mapping[str, Any], input_params: Mapping[str, Any]) -> None:
+        from bidsapp.transforms.mni_affine import MNIAffineSpec
+
+        super().__init__(model_params, input_params)
+        unknown = sorted(set(self.model_params) - self._NET_KEYS)
+        if unknown:
+            raise UsageError(f"[model] has unknown key(s) {unknown} for vgg-cbv; allowed: "
+                             f"{sorted(self._NET_KEYS)}")
+        branch = self.model_params.setdefault("branch", "t1w")
+        if branch != "t1w":
+            raise UsageError(f"model.branch {branch!r} is not available yet: only the T1w "
+                             "branch ('t1w') is trained by this version")
+        for key in ("channels", "dense_units"):
+            if key in self.model_params:
+                self.model_params[key] = [int(v) for v in self.model_params[key]]
+        try:
+            self.spec = MNIAffineSpec.from_dict(self.input_params)
+            self.build_network()
+        except (TypeError, ValueError) as exc:
+            raise UsageError(f"invalid vgg-cbv [model]/[input]: {exc}") from exc
+        self.input_params = self.spec.to_dict()
+
+    def net_kwargs(self) -> dict[str, Any]:
+        """Constructor arguments of :class:`bidsapp.nets.VGG8` (JSON-serialisable)."""
+        p = self.model_params
+        kwargs = {"spatial_dims": 3, "in_channels": 1, "out_channels": 1,
+                  "in_shape": list(self.spec.shape)}
+        for key in ("channels", "dense_units"):
+            if key in p:
+                kwargs[key] = list(p[key])
+        if "dropout" in p:
+            kwargs["dropout"] = float(p["dropout"])
+        return kwargs
+
+    def build_network(self) -> nn.Module:
+        from bidsapp.nets import VGG8
+
+        return VGG8(**self.net_kwargs())
+
+    def prepare(self, record: ScanRecord) -> list[np.ndarray]:
+        from bidsapp.transforms.mni_affine import prepare_vgg_input
+
+        return [prepare_vgg_input(mni_t1w_path(record), self.spec).data]
+
+    def prepare_robustness(self, record: ScanRecord, spacing_mm: float) -> list[np.ndarray]:
+        raise NotImplementedError("vgg-cbv reads the MNI-space T1w; thick-slice robustness needs "
+                                  "re-registration (set export.robustness_spacings_mm = [])")
+
+    # as seed 002: no augmentation (neither paper uses any); usable when any voxel is brain
+    augment = MLensBaseFamily.augment
+    keep = MLensBaseFamily.keep
+
+    def trainer_class(self):
+        from .trainer import L1Trainer  # trainer.py imports this module
+
+        return L1Trainer
+
+    def evaluate_fold(self, cache, test, best_path, device, robustness_spacings=()):
+        result = super().evaluate_fold(cache, test, best_path, device, robustness_spacings)
+        for row, record in zip(result["rows"], test):  # the per-site MAE table needs the site
+            row["site"] = record.site
+        return result
+
+    def card_extras(self, fold_results) -> dict[str, Any]:
+        import pandas as pd
+
+        from .stacking import available_stacks, fit_stacks, mae_by_group, nested_f_tests
+
+        frame = pd.DataFrame([{"fold": k, "age": r["age"], "t1w": r["predicted"],
+                               "sex": r.get("sex"), "site": r.get("site") or "n/a"}
+                              for k, result in sorted(fold_results.items()) for r in result["rows"]])
+        folds = sorted(set(frame.fold))
+        if len(folds) < 2:
+            return {"stacking": {"skipped": "cross-fitted stacking needs at least 2 folds"}}
+        stacks = available_stacks(frame)
+        # cross-fitted: each fold's stack is fitted on the other folds' held-out predictions
+        stacked = pd.concat([fit_stacks(frame[frame.fold != k], frame[frame.fold == k], stacks)[0]
+                             for k in folds]).loc[frame.index]
+        predictions = {"network": frame["t1w"], **{s: stacked[s] for s in stacks}}
+        age = frame["age"].to_numpy()
+        return {"stacking": {
+            "stacks": {s: {"predictors": s, "cv_mae": float(np.mean(np.abs(stacked[s] - age)))}
+                       for s in stacks},
+            "fitting": "ordinary least squares of age on the T1w network's prediction (and sex, "
+                       "0 female / 1 male); cross-fitted over the folds (fitted on the other "
+                       "folds' held-out predictions; the paper fitted on train + validation "
+                       "predictions of one split)",
+            "f_tests": nested_f_tests(frame).to_dict(orient="records"),
+            "f_tests_on": "the pooled held-out (CV) predictions",
+            "mae_by_age_band": mae_by_group(frame, predictions, "age_band").to_dict(orient="index"),
+            "mae_by_site": mae_by_group(frame, predictions, "site").to_dict(orient="index")}}
+
+    def architecture(self) -> dict[str, Any]:
+        from bidsapp.nets import VGG8
+
+        net = self.build_network()
+        return {"class": f"{VGG8.__module__}.{VGG8.__name__}", "params": self.model_params,
+                "net_kwargs": self.net_kwargs(),
+                "n_parameters": int(sum(q.numel() for q in net.parameters())),
+                "description": "5 blocks of 3^3 convolution ('same'), batch norm, ReLU, 2^3 "
+                               "max-pool; flatten, dense 512 -> ReLU -> 128 -> ReLU -> 1; "
+                               "output = target_offset + target_scale * raw",
+                "loss": "L1 (mean absolute error)", "explanation": "Grad-CAM on the last "
+                "convolution block, top 20 % of each map (bidsapp.explain.gradcam)"}
+
+    def preprocessing(self) -> dict[str, Any]:
+        return {"function": "bidsapp.transforms.mni_affine.prepare_vgg_input",
+                "params": self.spec.to_dict(),
+                "inputs": ["space-MNI152NLin2009aSym_res-2_desc-preproc_T1w (brain-masked)"],
+                "description": (
+                    "participant-level MNI-space T1w (non-linear registration; the paper used an "
+                    "affine one) divided by the mean of its top top_fraction brain intensities; "
+                    "resampled (anti-aliased) to resolution_mm; cropped/zero-padded to shape "
+                    "around the template brain's bounding-box centre")}

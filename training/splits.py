@@ -16,7 +16,7 @@ import numpy as np
 
 from bidsapp.errors import UsageError
 
-__all__ = ["make_splits", "check_splits", "load_or_create_splits"]
+__all__ = ["make_splits", "make_kl_split", "check_splits", "load_or_create_splits"]
 
 LOGGER = logging.getLogger("brainage.training")
 _PARTS = ("train", "val", "test")
@@ -87,6 +87,73 @@ def make_splits(ages: Mapping[str, float], *, folds: int = 5, val_fraction: floa
         out.append({"fold": k, "train": train, "val": val, "test": sorted(test)})
     return {"version": 1, "unit": "participant", "seed": seed, "stratified_by": "age",
             "val_fraction": val_fraction, "folds": out}
+
+
+def make_kl_split(ages: Mapping[str, float], sites: Mapping[str, str | None] | None = None, *,
+                  n_partitions: int = 10, seed: int = 0) -> dict:
+    """One train/validation/test split of seed 003 (Jomsky et al.): KL-chosen partitions.
+
+    Participants are stratified by age decile (bin edges: minimum, the 10th to 90th
+    percentiles and maximum, ``numpy.quantile``) crossed with site; each stratum is shuffled
+    and dealt in turn to ``n_partitions`` partitions (continuing where the previous stratum
+    stopped, so partition sizes differ by at most one).  The partition whose age-decile
+    histogram has the smallest Kullback-Leibler divergence ``KL(partition || all)`` from the
+    whole set's becomes the test part, the next smallest the validation part, the rest the
+    training part (8:1:1 for ten partitions).
+
+    Parameters
+    ----------
+    ages : mapping
+        Participant label -> age (one per participant).
+    sites : mapping, optional
+        Participant label -> site or study (missing or None: one common site).
+    n_partitions : int
+        Number of partitions (paper: 10).
+    seed : int
+
+    Returns
+    -------
+    dict
+        The splits-file structure of :func:`make_splits` with one fold, plus
+        ``partition_kl`` (KL of each partition, nats) and the chosen partition indices.
+
+    Examples
+    --------
+    >>> s = make_kl_split({f"{i:02d}": 20 + i for i in range(40)})
+    >>> [len(s["folds"][0][p]) for p in ("train", "val", "test")]
+    [32, 4, 4]
+    """
+    from scipy.stats import entropy
+
+    if isinstance(n_partitions, bool) or not isinstance(n_partitions, int) or n_partitions < 3:
+        raise ValueError(f"n_partitions must be an int >= 3, got {n_partitions!r}")
+    ids = sorted(ages)
+    if len(ids) < n_partitions:
+        raise ValueError(f"need at least {n_partitions} participants for {n_partitions} "
+                         f"partitions, got {len(ids)}")
+    age = np.array([float(ages[i]) for i in ids])
+    edges = np.quantile(age, np.linspace(0.0, 1.0, 11))
+    decile = np.searchsorted(edges[1:-1], age, side="right")  # 0..9, the maximum in the last
+    site = [str((sites or {}).get(i) or "n/a") for i in ids]
+    rng = np.random.default_rng([seed, 3])
+    partition = np.empty(len(ids), dtype=int)
+    dealt = 0
+    for stratum in sorted(set(zip(decile.tolist(), site))):
+        members = [j for j in range(len(ids)) if (decile[j], site[j]) == stratum]
+        for n, j in enumerate(rng.permutation(members)):
+            partition[j] = (dealt + n) % n_partitions
+        dealt += len(members)
+    overall = np.bincount(decile, minlength=10) / len(ids)
+    kl = [float(entropy(np.bincount(decile[partition == k], minlength=10), overall))
+          for k in range(n_partitions)]
+    test_k, val_k = sorted(range(n_partitions), key=lambda k: (kl[k], k))[:2]
+    parts = {"test": [i for i, k in zip(ids, partition) if k == test_k],
+             "val": [i for i, k in zip(ids, partition) if k == val_k],
+             "train": [i for i, k in zip(ids, partition) if k not in (test_k, val_k)]}
+    return {"version": 1, "unit": "participant", "seed": seed,
+            "stratified_by": "age decile x site", "scheme": "kl-partitions",
+            "n_partitions": n_partitions, "partition_kl": kl, "test_partition": test_k,
+            "val_partition": val_k, "folds": [{"fold": 0, **parts}]}
 
 
 def check_splits(splits: Mapping, participants: Sequence[str]) -> None:

@@ -29,7 +29,7 @@ from .data import InputCache, ScanRecord
 from .distributed import DistContext
 from .families import ModelFamily
 
-__all__ = ["Trainer", "CHECKPOINT_FORMAT"]
+__all__ = ["Trainer", "L1Trainer", "CHECKPOINT_FORMAT"]
 
 LOGGER = logging.getLogger("brainage.training")
 CHECKPOINT_FORMAT = 1
@@ -176,16 +176,24 @@ class Trainer:
         return x
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        """One optimiser step on the MSE (in units of the output scale)."""
+        """One optimiser step on the mean :meth:`loss` (errors in units of the output scale)."""
         self.optimizer.zero_grad(set_to_none=True)
         scale = self.network.target_scale if hasattr(self.network, "target_scale") else 1.0
         with torch.autocast("cuda", dtype=torch.float16, enabled=self.use_amp):
             pred = self.model(x)
-        loss = torch.mean(((pred.float() - y) / scale) ** 2)
+        loss = torch.mean(self.loss((pred.float() - y) / scale))
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         return float(loss.detach())
+
+    def loss(self, error: torch.Tensor) -> torch.Tensor:
+        """Element-wise loss of the scaled errors ``(prediction - age) / target_scale``.
+
+        The squared error (MSE); a variant overrides this hook to train on another loss, and
+        the validation loss follows it.
+        """
+        return error ** 2
 
     @torch.no_grad()
     def validation_step(self, records: Sequence[ScanRecord]) -> tuple[np.ndarray, np.ndarray]:
@@ -233,7 +241,8 @@ class Trainer:
         mine = self.val_records[self.dist.rank::self.dist.world_size]
         pred, age = self.validation_step(mine)
         scale = float(getattr(self.network, "target_scale", torch.tensor(1.0)))
-        sums = torch.tensor([np.sum(np.abs(pred - age)), np.sum(((pred - age) / scale) ** 2),
+        errors = torch.from_numpy(np.asarray((pred - age) / scale, dtype=np.float64))
+        sums = torch.tensor([np.sum(np.abs(pred - age)), float(self.loss(errors).sum()),
                              float(len(mine))], dtype=torch.float64)
         if self.dist.distributed:
             torch.distributed.all_reduce(sums)
@@ -342,3 +351,11 @@ class Trainer:
             writer = csv.DictWriter(handle, fieldnames=_CSV_FIELDS)
             writer.writeheader()
             writer.writerows(self.rows)
+
+
+class L1Trainer(Trainer):
+    """:class:`Trainer` minimising the absolute error (MAE), as seed 003 trained its VGG8."""
+
+    def loss(self, error: torch.Tensor) -> torch.Tensor:
+        """Absolute scaled error."""
+        return error.abs()

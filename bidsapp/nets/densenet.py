@@ -28,6 +28,7 @@ from monai.networks.nets.densenet import _DenseBlock, _Transition
 from torch import nn
 
 from ._checks import check_int, check_net_args
+from ._scaling import TargetScaling
 
 __all__ = ["DenseNetRegressor", "densenet169_regressor", "DENSENET169_BLOCKS", "LEAKY_RELU"]
 
@@ -37,7 +38,7 @@ DENSENET169_BLOCKS = (6, 12, 32, 32)
 LEAKY_RELU = ("leakyrelu", {"negative_slope": 0.01, "inplace": True})
 
 
-class DenseNetRegressor(nn.Module):
+class DenseNetRegressor(TargetScaling, nn.Module):
     """DenseNet with a scalar regression head, optionally without its last transition layer.
 
     Based on `Densely Connected Convolutional Networks <https://arxiv.org/abs/1608.06993>`_ as
@@ -83,8 +84,6 @@ class DenseNetRegressor(nn.Module):
             check_int(f"block_config[{i}]", layers)
         if not 0.0 <= float(dropout_prob) < 1.0:
             raise ValueError(f"dropout_prob must be in [0, 1), got {dropout_prob!r}")
-        if not float(target_scale) > 0:
-            raise ValueError(f"target_scale must be > 0, got {target_scale!r}")
 
         conv = Conv[Conv.CONV, spatial_dims]
         self.features = nn.Sequential(OrderedDict([
@@ -113,8 +112,7 @@ class DenseNetRegressor(nn.Module):
             ("flatten", nn.Flatten(1)),
             ("out", nn.Linear(channels, out_channels)),
         ]))
-        self.register_buffer("target_offset", torch.tensor(float(target_offset)))
-        self.register_buffer("target_scale", torch.tensor(float(target_scale)))
+        self.register_target_scaling(target_offset, target_scale)
         self.num_features = channels
         self.reset_parameters(act)
 
@@ -135,20 +133,13 @@ class DenseNetRegressor(nn.Module):
                 nn.init.kaiming_normal_(module.weight, a=slope, nonlinearity="leaky_relu")
                 nn.init.zeros_(module.bias)
 
-    def set_target_scaling(self, offset: float, scale: float) -> None:
-        """Set the output offset and scale (e.g. mean and SD of the training ages)."""
-        if not float(scale) > 0:
-            raise ValueError(f"scale must be > 0, got {scale!r}")
-        self.target_offset.fill_(float(offset))
-        self.target_scale.fill_(float(scale))
-
     def forward_normalised(self, x: torch.Tensor) -> torch.Tensor:
         """Output before the offset/scale (what the training loss compares)."""
         return self.class_layers(self.features(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Predicted targets (years for brain age), shape ``(batch, out_channels)``."""
-        return self.target_offset + self.target_scale * self.forward_normalised(x)
+        return self.scaled(self.forward_normalised(x))
 
 
 def densenet169_regressor(**kwargs) -> DenseNetRegressor:

@@ -36,6 +36,7 @@ from monai.networks.layers.utils import get_act_layer
 from torch import nn
 
 from ._checks import check_int, check_net_args
+from ._scaling import TargetScaling
 
 __all__ = ["LocalUNet", "local_unet_sizes", "local_unet_input_size", "enable_mc_dropout",
            "LOCAL_UNET_ACT"]
@@ -154,7 +155,7 @@ class _Scale(nn.Sequential):
         self.add_module("dropout", nn.Dropout(float(dropout)))
 
 
-class LocalUNet(nn.Module):
+class LocalUNet(TargetScaling, nn.Module):
     """U-Net predicting voxelwise brain age for the central block of its input (seed 000).
 
     Based on Popescu et al., "Local brain-age: a U-Net model" (Front. Aging Neurosci. 2021),
@@ -196,8 +197,6 @@ class LocalUNet(nn.Module):
         check_int("depth", depth, 1)
         if not 0.0 <= float(dropout) < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
-        if not float(target_scale) > 0:
-            raise ValueError(f"target_scale must be > 0, got {target_scale!r}")
         self.spatial_dims, self.depth, self.convs_per_scale = spatial_dims, depth, convs_per_scale
         widths = [init_channels * 2 ** level for level in range(depth + 1)]
         common = dict(spatial_dims=spatial_dims, convs=convs_per_scale, act=act, se=se,
@@ -222,8 +221,7 @@ class LocalUNet(nn.Module):
         self.aux_heads = nn.ModuleList(
             nn.Sequential(pool(1), nn.Flatten(1), nn.Linear(w, out_channels))
             for w in [widths[depth]] + [widths[level] for level in reversed(range(1, depth))])
-        self.register_buffer("target_offset", torch.tensor(float(target_offset)))
-        self.register_buffer("target_scale", torch.tensor(float(target_scale)))
+        self.register_target_scaling(target_offset, target_scale)
         self.reset_parameters(act)
 
     def reset_parameters(self, act: str | tuple = LOCAL_UNET_ACT) -> None:
@@ -257,13 +255,6 @@ class LocalUNet(nn.Module):
         """:func:`local_unet_sizes` for this network's depth."""
         return local_unet_sizes(in_size, self.depth, self.convs_per_scale)
 
-    def set_target_scaling(self, offset: float, scale: float) -> None:
-        """Set the output offset and scale (e.g. mean and SD of the training ages)."""
-        if not float(scale) > 0:
-            raise ValueError(f"scale must be > 0, got {scale!r}")
-        self.target_offset.fill_(float(offset))
-        self.target_scale.fill_(float(scale))
-
     def forward(self, x: torch.Tensor, return_aux: bool = False):
         """Voxelwise ages of the central block, ``(batch, out_channels, o, o, o)`` (years).
 
@@ -282,10 +273,10 @@ class LocalUNet(nn.Module):
             x = scale(torch.cat([_centre_crop(skips[-1 - i], x.shape[2]), x], dim=1))
             if return_aux and i < self.depth - 1:
                 aux.append(x)
-        voxel = self.target_offset + self.target_scale * self.output(x)
+        voxel = self.scaled(self.output(x))
         if not return_aux:
             return voxel
-        return voxel, [self.target_offset + self.target_scale * head(f)
+        return voxel, [self.scaled(head(f))
                        for head, f in zip(self.aux_heads, aux)]
 
 
