@@ -1,4 +1,5 @@
-"""SIGTERM (scancel, a batch time limit, docker stop) during a participant run: exit 130 at once."""
+"""SIGTERM (scancel, a batch time limit, docker stop) or SIGINT (Ctrl-C) during a participant run:
+exit 130 at once; a rerun then resumes and completes."""
 
 from __future__ import annotations
 
@@ -12,11 +13,13 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_sigterm_during_a_serial_run_stops_it_with_130(tiny_bids, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_during_a_serial_run_stops_it_with_130(tiny_bids, tmp_path, signum):
     work = tmp_path / "work"
     proc = subprocess.Popen([sys.executable, str(REPO / "bin" / "brainage"), str(tiny_bids), str(tmp_path / "out"),
                              "participant", "-w", str(work), "--nprocs", "1", "--omp-nthreads", "1",
@@ -27,13 +30,13 @@ def test_sigterm_during_a_serial_run_stops_it_with_130(tiny_bids, tmp_path):
         time.sleep(0.2)  # until the first nipype node runs
     assert proc.poll() is None, "the run ended before it could be signalled"
     before = {p.parent for p in work.rglob("_report")}
-    os.kill(proc.pid, signal.SIGTERM)
+    os.kill(proc.pid, signum)
     signalled = time.monotonic()
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 130, err[-2000:]
     # nipype logs the node it was running as failed; brainage's last word is the interruption
     assert "interrupted: finished files are kept" in err.strip().splitlines()[-1]
-    assert time.monotonic() - signalled < 60, "the run went on with other nodes after SIGTERM"
+    assert time.monotonic() - signalled < 60, "the run went on with other nodes after the signal"
     # no node starts after the signal: at most the one starting as it was sent
     started_after = {p.parent for p in work.rglob("_report")} - before
     assert len(started_after) <= 1, sorted(map(str, started_after))
