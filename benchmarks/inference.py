@@ -24,6 +24,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from _timing import best_of  # noqa: E402
+
 
 def _find_scan(derivatives: Path) -> tuple[Path, Path] | None:
     for t1w in sorted(derivatives.glob("sub-*/anat/sub-*_desc-preproc_T1w.nii.gz")):
@@ -32,14 +34,6 @@ def _find_scan(derivatives: Path) -> tuple[Path, Path] | None:
             return t1w, mask
     return None
 
-
-def _timed(fn, repeats: int):
-    times, out = [], None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return min(times), out
 
 
 def main(argv=None) -> int:
@@ -73,9 +67,9 @@ def main(argv=None) -> int:
         _, derivs = make_synthetic_dataset(tempfile.mkdtemp(), [50.0], shape=(90, 120, 120))
         scan = _find_scan(derivs)
         print("no participant-level output found: timing a synthetic 90x120x120 2 mm brain")
-    t_load, predictor = _timed(lambda: DenseNetClinicalPredictor.from_models_dir(
+    t_load, predictor = best_of(lambda: DenseNetClinicalPredictor.from_models_dir(
         args.models_dir, device=args.device), args.repeats)
-    t_prep, (volume, views) = _timed(lambda: predictor.prepare(*scan), args.repeats)
+    t_prep, (volume, views) = best_of(lambda: predictor.prepare(*scan), args.repeats)
     one = predictor.networks[0]
 
     def single():
@@ -83,9 +77,9 @@ def main(argv=None) -> int:
             x = torch.from_numpy(__import__("numpy").stack([v.data for v in views]))[:, None]
             return float(one(x.to(predictor.device)).mean())
 
-    t_one, _ = _timed(single, args.repeats)
-    t_ens, result = _timed(lambda: predictor.predict_prepared(views), args.repeats)
-    t_rel, _ = _timed(lambda: predictor.relevance_map(volume, views), 1)
+    t_one, _ = best_of(single, args.repeats)
+    t_ens, result = best_of(lambda: predictor.predict_prepared(views), args.repeats)
+    t_rel, _ = best_of(lambda: predictor.relevance_map(volume, views), 1)
     k = len(predictor.networks)
     card = predictor.card
     timings = {

@@ -15,23 +15,16 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from _timing import best_of  # noqa: E402
+
 #: Targets of the mlens issue (LRP for one participant on CPU) and of the app (a model per scan).
 TARGETS_S = {"load": None, "prepare": None, "predict (ensemble)": 20.0, "LRP map": 30.0}
 
-
-def _timed(fn, repeats: int):
-    times, out = [], None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return min(times), out
 
 
 def main(argv=None) -> int:
@@ -54,12 +47,12 @@ def main(argv=None) -> int:
         "sub-*/anat/sub-*_space-MNI152NLin2009aSym_res-2_desc-preproc_T1w.nii.gz"))), None)
     if scan is None:
         raise SystemExit(f"no MNI-space T1w under {args.derivatives}: pass --std-t1w")
-    t_load, predictor = _timed(lambda: MLensPredictor.from_models_dir(args.models_dir, args.device),
+    t_load, predictor = best_of(lambda: MLensPredictor.from_models_dir(args.models_dir, args.device),
                                args.repeats)
     n_models = sum(len(nets) for nets in predictor.networks.values())
-    t_prep, inputs = _timed(lambda: predictor.prepare(scan), args.repeats)
-    t_pred, pred = _timed(lambda: predictor.predict_prepared(inputs), args.repeats)
-    t_lrp, _ = _timed(lambda: predictor.relevance_image(inputs), args.repeats)
+    t_prep, inputs = best_of(lambda: predictor.prepare(scan), args.repeats)
+    t_pred, pred = best_of(lambda: predictor.predict_prepared(inputs), args.repeats)
+    t_lrp, _ = best_of(lambda: predictor.relevance_image(inputs), args.repeats)
     print(f"scan {scan.name}: brain age {pred.brain_age:.1f} y "
           f"[{pred.lower:.1f}, {pred.upper:.1f}]; {n_models} base models; device {args.device}, "
           f"{torch.get_num_threads()} thread(s)")
