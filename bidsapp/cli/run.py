@@ -42,15 +42,22 @@ class _Terminated(BaseException):
     """Raised in the main process when SIGTERM arrives, so clean-up runs as for Ctrl-C."""
 
 
+class _Interrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT), raised by our handler so that the run also records the request."""
+
+
 _TERMINATION = {"requested": False}
 
 
 def termination_requested() -> bool:
-    """Whether SIGTERM arrived during this run.
+    """Whether SIGTERM or SIGINT arrived during this run.
 
     nipype turns an exception raised inside a node, even this BaseException, into a node
     failure and goes on with the other nodes. The participant level asks here before each
-    node starts, so a signalled run stops at once and exits 130 rather than 1.
+    node starts, so a signalled run stops at once and exits 130 rather than 1. The flag, not
+    the exception that surfaces, decides the exit code: a signal that lands inside a lazy
+    import can leave a module half-initialised, and the next node then fails with an
+    unrelated ``AttributeError``.
     """
     return _TERMINATION["requested"]
 
@@ -124,16 +131,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     verbosity = sum(a.count("v") for a in (argv or sys.argv[1:]) if a.startswith("-v")
                     and set(a[1:]) == {"v"}) + (1 if "--verbose" in (argv or sys.argv[1:]) else 0)
     _setup_logging(verbosity)
-    previous = signal.getsignal(signal.SIGTERM)
-
-    def _on_sigterm(signum, frame):
+    def _on_signal(signum, frame):
         _TERMINATION["requested"] = True
-        raise _Terminated()
+        raise _Terminated() if signum == signal.SIGTERM else _Interrupted()
 
     _TERMINATION["requested"] = False
-
-    if previous in (signal.SIG_DFL, None):
-        signal.signal(signal.SIGTERM, _on_sigterm)
+    # only where nobody (a test runner, an embedding program) installed a handler of its own
+    if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+        signal.signal(signal.SIGTERM, _on_signal)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _on_signal)
     start = time.monotonic()
     try:
         config = parse_args(argv)

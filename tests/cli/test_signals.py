@@ -76,3 +76,32 @@ def test_a_rerun_after_sigterm_completes_and_nothing_is_half_written(tiny_bids, 
     # it resumed: the nodes finished before the signal were reused, not run again
     rerun_nodes = [p.parent.name for p, t in finished.items() if p.stat().st_mtime_ns != t]
     assert finished and rerun_nodes == [], rerun_nodes
+
+
+_SIGNAL_THEN_UNRELATED_FAILURE = """
+import os, signal, sys
+import bidsapp.cli.run as cli_run
+from bidsapp.errors import ParticipantFailure
+
+def _run(config):
+    try:  # a signal inside some library call; the library swallows it ...
+        os.kill(os.getpid(), signal.{name})
+    except BaseException:
+        pass
+    # ... and what surfaces later is an unrelated failure (a half-imported module)
+    raise ParticipantFailure("1 of 1 T1w image(s) failed")
+
+cli_run.run = _run
+sys.exit(cli_run.main([sys.argv[1], sys.argv[2], "participant", "--skip-bids-validation"]))
+"""
+
+
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGINT"])
+def test_a_signal_swallowed_by_a_library_still_exits_130(tiny_bids, tmp_path, name):
+    """The exit code comes from the signal having arrived, not from the exception that surfaces:
+    a SIGINT landing inside a lazy ``import pandas`` once turned a Ctrl-C into exit 1."""
+    proc = subprocess.run([sys.executable, "-c", _SIGNAL_THEN_UNRELATED_FAILURE.format(name=name),
+                           str(tiny_bids), str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 130, proc.stderr[-2000:]
+    assert "interrupted" in proc.stderr
