@@ -25,8 +25,10 @@ def _parser() -> argparse.ArgumentParser:
                         help="number of synthetic participants (default 16: 8 HC, 8 PT)")
     parser.add_argument("--nprocs", "--n-cpus", type=int, default=os.cpu_count() or 1,
                         help="parallel processes (default: all CPUs)")
-    parser.add_argument("--n-perm", "--n_perm", type=int, default=500,
-                        help="permutations at the group level (default 500)")
+    # 200 sign flips/permutations resolve p down to 1/201 ~ 0.005, enough for the planted effect
+    # at alpha 0.05; every TFCE analysis costs ~0.35 s per permutation at 16 scans on 2 cores
+    parser.add_argument("--n-perm", "--n_perm", type=int, default=200,
+                        help="permutations per group analysis (default 200; use 5000 for papers)")
     parser.add_argument("--random-seed", "--random_seed", type=int, default=0)
     parser.add_argument("-v", "--verbose", action="count", default=0)
     return parser
