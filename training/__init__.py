@@ -10,5 +10,8 @@ from .run import run_training
 from .splits import make_splits
 from .trainer import Trainer
 
+# families defined in their own module register themselves when it is imported
+from . import diffusion_ae  # noqa: F401
+
 __all__ = ["TrainConfig", "load_config", "run_training", "Trainer", "ModelFamily",
            "register_family", "get_family", "available_families", "make_splits"]

@@ -11,6 +11,8 @@ from .modulated import (ModulatedInput, ModulatedInputSpec, brain_box, brain_mas
 from .mni_pruned import (MLENS_REGIONS, MNIPrunedSpec, mni_region_masks, prepare_mni_input,
                          prune, pruning_box, relevance_to_template, scale_to_uint8,
                          to_network_input, unprune)
+from .mni_slice import (MNISliceSpec, normalise_unit, prepare_slice_views, slice_planes,
+                        slice_z_mm, view_affine)
 from .spatial import (CropOrPad, Flip, ResampleToSpacing, Shift, SimulateThickSlices,
                       ThickSliceSimulation, axial_axis, foreground_centre, slicing_step)
 
@@ -26,5 +28,7 @@ __all__ = [
     "scale_to_uint8", "prepare_mni_input", "to_network_input", "relevance_to_template",
     "ModulatedInputSpec", "ModulatedInput", "modulated_paths", "smooth_fwhm", "brain_box",
     "brain_mask", "prepare_modulated_input", "to_template_grid",
+    "MNISliceSpec", "slice_planes", "slice_z_mm", "view_affine", "normalise_unit",
+    "prepare_slice_views",
     "crop_padded", "sample_block", "tile_origins", "tile_coverage", "tile_predict",
 ]
