@@ -45,6 +45,7 @@ class RunConfig:
     mem_gb: float | None = None
     models: tuple[str, ...] = ()
     device: str = "cpu"
+    cbv_model: Path | None = None
     skip_bids_validation: bool = False
     random_seed: int = 0
     vbm_fwhm: float | None = None
@@ -91,6 +92,8 @@ class RunConfig:
         data = json.loads(text)
         for key in ("bids_dir", "output_dir", "work_dir"):
             data[key] = Path(data[key])
+        if data.get("cbv_model") is not None:
+            data["cbv_model"] = Path(data["cbv_model"])
         for key in ("analysis_levels", "participant_labels", "session_labels", "models"):
             if data.get(key) is not None:
                 data[key] = tuple(data[key])

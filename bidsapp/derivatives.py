@@ -314,7 +314,7 @@ def brainage_dictionary() -> dict[str, Any]:
     """The JSON data dictionary of ``*_brainage.tsv`` (BIDS tabular-file sidecar)."""
     return {
         "model": {"LongName": "Model identifier",
-                  "Description": "brainage model id (see models/<id>.json model card)",
+                  "Description": "brainage model id (see the model card models/<id>/model_card.json)",
                   "Levels": {"local-unet": "seed 000 voxelwise U-Net (global = mean over brain)",
                              "diffusion-ae": "seed 001 semi-supervised diffusion autoencoder",
                              "mlens": "seed 002 multi-level CNN ensemble",
@@ -336,7 +336,8 @@ def brainage_dictionary() -> dict[str, Any]:
     }
 
 
-def write_brainage_table(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]]) -> Path:
+def write_brainage_table(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]],
+                         provenance: Mapping[str, Mapping[str, Any]] | None = None) -> Path:
     """Write a ``*_brainage.tsv`` (one row per model) and its ``.json`` dictionary.
 
     Parameters
@@ -346,6 +347,9 @@ def write_brainage_table(path: str | os.PathLike, rows: Sequence[Mapping[str, An
     rows : sequence of mappings
         Each mapping holds exactly :data:`BRAINAGE_COLUMNS`; ``None``/NaN become ``n/a``.
         ``brain_pad`` is recomputed from ``brain_age`` and ``age`` so the two never disagree.
+    provenance : mapping, optional
+        Model id -> what produced that model's row (e.g. the branches and stack of
+        ``vgg-cbv``); written to the sidecar as ``ModelProvenance``.
     """
     path = Path(path)
     if not path.name.endswith("_brainage.tsv"):
@@ -362,7 +366,10 @@ def write_brainage_table(path: str | os.PathLike, rows: Sequence[Mapping[str, An
         lines.append("\t".join(_format_cell(values.get(col)) for col in BRAINAGE_COLUMNS))
     with atomic_write(path, "w") as handle:
         handle.write("\n".join(lines) + "\n")
-    write_json(path.with_suffix(".json"), brainage_dictionary())
+    sidecar = brainage_dictionary()
+    if provenance:
+        sidecar["ModelProvenance"] = {str(k): dict(v) for k, v in provenance.items()}
+    write_json(path.with_suffix(".json"), sidecar)
     return path
 
 
@@ -478,7 +485,9 @@ def write_model_derivatives(output_dir: str | os.PathLike, source: SourceEntitie
         One per model, as written by the model interfaces (:mod:`bidsapp.interfaces.models`):
         ``model``, ``brain_age``, ``brain_age_lower``, ``brain_age_upper``, ``details`` and
         ``maps`` (each ``file``, ``suffix``, optional ``space``, ``res``, ``meta`` and
-        ``extension``, default ``.nii.gz``; a ``.tsv`` gets its ``meta`` as data dictionary).
+        ``extension``, default ``.nii.gz``; a ``.tsv`` gets its ``meta`` as data dictionary),
+        and optionally ``provenance`` (a mapping written to the table's sidecar under
+        ``ModelProvenance.<model>``).
     age : float, optional
         Chronological age (years) for the ``age`` and ``brain_pad`` columns.
 
@@ -495,8 +504,10 @@ def write_model_derivatives(output_dir: str | os.PathLike, source: SourceEntitie
     out = Path(output_dir)
     sources = [bids_uri(relpath)]
     written: list[Path] = []
-    rows = []
+    rows, provenance = [], {}
     for pred in sorted(predictions, key=lambda p: MODEL_IDS.index(p["model"])):
+        if pred.get("provenance"):
+            provenance[pred["model"]] = pred["provenance"]
         rows.append({"model": pred["model"], "brain_age": pred["brain_age"],
                      "brain_age_lower": pred.get("brain_age_lower"),
                      "brain_age_upper": pred.get("brain_age_upper"), "age": age})
@@ -515,5 +526,5 @@ def write_model_derivatives(output_dir: str | os.PathLike, source: SourceEntitie
                      "brain_age": float(sum(r["brain_age"] for r in rows) / len(rows))})
     if rows:
         written.append(write_brainage_table(
-            derivative_path(out, source, suffix="brainage", extension=".tsv"), rows))
+            derivative_path(out, source, suffix="brainage", extension=".tsv"), rows, provenance))
     return written

@@ -8,12 +8,16 @@ phenotypes of ``participants.tsv`` / ``sessions.tsv``, and writes at the root of
 {t,d,tfce,p,pfwe}_statmap.nii.gz``, ``desc-<model>_biasfit.json`` and ``group.html``.
 Every file is written atomically. The statistics come from :mod:`bidsapp.stats`.
 
-Relevance maps also get the analyses of seed 002 (one scan per participant), as statistic
-maps named like the contrasts: ``desc-<model>absrelevance_contrast-MeanVsZero`` (one-sample
+Relevance maps of the models whose papers asked for permutation analyses of them (``mlens``,
+seed 002, and ``densenet-clinical``) get the group contrasts and the analyses of seed 002 (one
+scan per participant), as statistic maps named like the contrasts: ``desc-<model>absrelevance_contrast-MeanVsZero`` (one-sample
 sign-flip test of |relevance|), ``desc-<model>relevanceagegroup_contrast-{OldVsYoung,
 YoungVsOld}`` (age >= 60 vs <= 40) and ``desc-<model>relevancepad_contrast-{PADVsZero,
 ZeroVsPAD}`` (brain-PAD slope with age and age^2 as covariates, Freedman–Lane; effect size
-``stat-r``, the partial correlation).
+``stat-r``, the partial correlation).  The Grad-CAM maps of ``vgg-cbv`` (seed 003) get no
+permutation test: as in the paper (Fig. 4) they are averaged per 10-year age group, one scan
+per participant, into ``space-…_res-2_desc-vggcbvage<lo>to<hi>_relevancemap.nii.gz`` and drawn
+over the mean T1w of the same scans in the report.
 
 Between-group analyses use one scan per participant (the first by session, acquisition,
 run); repeated scans of a participant feed the ICC analyses.
@@ -45,6 +49,7 @@ LOGGER = logging.getLogger("brainage.group")
 
 _GM_SUFFIX = f"_space-{TEMPLATE_SPACE}_res-2_label-GM_desc-modulated_probseg.nii.gz"
 _MASK_SUFFIX = f"_space-{TEMPLATE_SPACE}_res-2_desc-brain_mask.nii.gz"
+_STD_T1W_SUFFIX = f"_space-{TEMPLATE_SPACE}_res-2_desc-preproc_T1w.nii.gz"
 _MAP_RE = re.compile(rf"_space-{TEMPLATE_SPACE}_res-2_desc-(?P<model>[A-Za-z0-9]+)_"
                      r"(?P<kind>brainagemap|relevancemap)\.nii(?:\.gz)?$")
 _MISSING = {"", "n/a", "na", "nan", "none"}
@@ -53,6 +58,12 @@ _GM_MASK_THRESHOLD = 0.1     # mean modulated GM below this is not analysed (VBM
 # seed 002: age groups of the young-vs-old relevance contrast (years)
 _YOUNG_MAX_AGE, _OLD_MIN_AGE = 40.0, 60.0
 _MIN_PAD_SCANS = 6           # relevance ~ PAD + age + age^2: 4 parameters, >= 2 residual df
+# desc labels of the models whose relevance maps get permutation analyses (their papers ran them:
+# seed 002 mlens; densenet-clinical); other models' maps are not tested voxelwise
+_PERMUTATION_RELEVANCE = ("mlens", "densenetclinical")
+# desc labels of Grad-CAM maps averaged per age group (seed 003 vgg-cbv, Fig. 4) and its width
+_GRADCAM_AGE_GROUPS = {"vggcbv": "vgg-cbv"}
+_GRADCAM_GROUP_YEARS = 10
 _STATS_COLUMNS = ["model", "level", "region", "contrast", "test", "statistic", "df", "p",
                   "p_corrected", "effect_size"]
 
@@ -193,6 +204,8 @@ def _collect_outputs(output_dir):
             kind = "gm"
         elif name.endswith(_MASK_SUFFIX):
             kind = "mask"
+        elif name.endswith(_STD_T1W_SUFFIX):
+            kind = "std_t1w"
         elif _MAP_RE.search(name):
             kind = "map"
         if kind is None:
@@ -205,7 +218,8 @@ def _collect_outputs(output_dir):
             "scan": src.prefix, "participant_id": f"sub-{src.subject}",
             "session_id": f"ses-{src.session}" if src.session else None,
             "subject": src.subject, "session": src.session, "acq": src.acquisition, "run": src.run,
-            "brainage_tsv": None, "gm": None, "mask": None, "brainagemap": {}, "relevancemap": {}})
+            "brainage_tsv": None, "gm": None, "mask": None, "std_t1w": None, "brainagemap": {},
+            "relevancemap": {}})
         if kind == "map":
             match = _MAP_RE.search(name)
             row[match["kind"]][match["model"]] = path
@@ -1090,8 +1104,14 @@ def _model_pad(ctx, per_model, model, rows):
 
 
 def _relevance_maps(ctx, per_model):
-    """Relevance maps: group contrasts, then the seed 002 analyses (Figs. 5, 6a and S3)."""
-    models = sorted({m for maps in ctx.scans["relevancemap"] for m in maps})
+    """Relevance maps: group contrasts, then the seed 002 analyses (Figs. 5, 6a and S3).
+
+    Only the maps of the models in ``_PERMUTATION_RELEVANCE`` (``mlens`` and
+    ``densenet-clinical``, whose papers asked for these permutation analyses) are tested; the
+    Grad-CAM maps of ``vgg-cbv`` are summarised by :func:`_gradcam_age_groups` instead.
+    """
+    models = sorted({m for maps in ctx.scans["relevancemap"] for m in maps
+                     if m in _PERMUTATION_RELEVANCE})
     for model in models:
         rows = ctx.scans.index[[model in m for m in ctx.scans["relevancemap"]]].to_numpy()
         if rows.size < 2:
@@ -1129,6 +1149,87 @@ def _relevance_maps(ctx, per_model):
                                  t_map=(test.result.t[k], test.t_name),
                                  effect=(test.effect_stat, test.effect[k], test.effect_name),
                                  test=test_name, report_key="relevance_maps", region_label=wording)
+
+
+def _sum_maps(paths, keys, what):
+    """Sum of the 3D maps of each key (float64), one map in memory at a time; (sums, affine).
+
+    Raises
+    ------
+    ImageError
+        When the maps are not all on one grid.
+    """
+    first = nib.load(paths[0])
+    shape, affine = first.shape[:3], first.affine
+    sums = {}
+    for path, key in zip(paths, keys):
+        img = nib.load(path)
+        if img.shape[:3] != shape or not np.allclose(img.affine, affine, atol=1e-3):
+            raise ImageError(f"{path}: {what} maps are not all on one grid "
+                             f"({img.shape[:3]} vs {shape}); rerun the participant level")
+        data = np.asarray(img.dataobj, dtype=np.float64).reshape(shape)
+        sums[key] = sums[key] + data if key in sums else data
+    return sums, affine
+
+
+def _mean_t1w(ctx, rows, shape, affine):
+    """Mean of the scans' MNI-space T1w images, each divided by the mean of its top 1 % brain
+    intensities (the seed-003 input normalisation); ``None`` when none is on the maps' grid."""
+    from .transforms.mni_affine import top_fraction_mean
+
+    total, n = np.zeros(shape, np.float64), 0
+    for path in ctx.scans.loc[rows, "std_t1w"]:
+        if path is None:
+            continue
+        img = nib.load(path)
+        data = np.asarray(img.dataobj, dtype=np.float64)
+        if data.shape != tuple(shape) or not np.allclose(img.affine, affine, atol=1e-3) \
+                or not np.any(data > 0):
+            continue
+        total += data / top_fraction_mean(data[data > 0], 0.01)
+        n += 1
+    return (total / n).astype(np.float32) if n else None
+
+
+def _gradcam_age_groups(ctx):
+    """Mean Grad-CAM map per 10-year age group (seed 003, Fig. 4); no permutation analysis.
+
+    One scan per participant: the first with a map and a known age.  Each group
+    ``[lo, lo + 10)`` years gets the voxelwise mean of its maps (the participant level keeps the
+    top 20 % of each map) written as
+    ``space-…_res-2_desc-<model>age<lo>to<lo+9>_relevancemap.nii.gz``, and the mean of the same
+    scans' MNI-space T1w images (:func:`_mean_t1w`) as the report's background.
+    """
+    for model, model_id in _GRADCAM_AGE_GROUPS.items():
+        rows = ctx.scans.index[[model in m for m in ctx.scans["relevancemap"]]].to_numpy()
+        age = ctx.pheno.loc[rows, "age_years"].to_numpy(float)
+        rows, age = rows[np.isfinite(age)], age[np.isfinite(age)]
+        first = ~ctx.scans.loc[rows, "participant_id"].duplicated().to_numpy()
+        rows, age = rows[first], age[first]
+        if rows.size == 0:
+            continue
+        lows = (np.floor(age / _GRADCAM_GROUP_YEARS) * _GRADCAM_GROUP_YEARS).astype(int)
+        sums, affine = _sum_maps([ctx.scans.loc[r, "relevancemap"][model] for r in rows], lows,
+                                 "Grad-CAM")
+        groups = []
+        for lo in np.unique(lows):
+            sel = lows == lo
+            hi = int(lo) + _GRADCAM_GROUP_YEARS
+            mean = (sums[lo] / sel.sum()).astype(np.float32)
+            scans = ctx.scans.loc[rows[sel], "scan"].tolist()
+            name = (f"space-{TEMPLATE_SPACE}_res-2_desc-{model}age{lo}to{hi - 1}"
+                    "_relevancemap.nii.gz")
+            sidecar = {"Description": f"mean Grad-CAM map of {model_id} over the scans aged {lo} <= "
+                                      f"age < {hi} years, one per participant; each map keeps the top "
+                                      "20 % of its values (Jomsky et al., Fig. 4)",
+                       "Model": model_id, "AgeGroup": [int(lo), hi], "N": int(sel.sum()),
+                       "MeanAge": float(age[sel].mean()), "Scans": scans}
+            path = ctx.writer.nifti(name, mean, affine, sidecar)
+            groups.append({"label": f"{lo}-{hi - 1}", "n": int(sel.sum()), "file": path,
+                           "map": mean, "t1w": _mean_t1w(ctx, rows[sel], mean.shape, affine)})
+        LOGGER.info("%s Grad-CAM: %d scans in age groups %s", model, rows.size,
+                    ", ".join(g["label"] for g in groups))
+        ctx.report.setdefault("gradcam_age_groups", []).append({"model": model, "groups": groups})
 
 
 # --------------------------------------------------------------------------- runner
@@ -1264,6 +1365,7 @@ def run_group_level(bids_dir, output_dir, options, *, random_seed=0, nprocs=1):
     _vbm(ctx)
     _brainage_maps(ctx, per_model)
     _relevance_maps(ctx, per_model)
+    _gradcam_age_groups(ctx)
 
     stats_table = pd.DataFrame(ctx.rows, columns=_STATS_COLUMNS)
     ctx.writer.tsv("group_stats.tsv", stats_table, _STATS_DICT)

@@ -65,6 +65,15 @@ def tiny_bids(tmp_path) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def tiny_vgg_cbv(tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny vgg-cbv model trained and exported by the training engine (once per session):
+    ``(models_dir, derivs)``, see ``vgg_cbv_models.export_tiny_vgg_cbv``."""
+    from vgg_cbv_models import export_tiny_vgg_cbv
+
+    return export_tiny_vgg_cbv(tmp_path_factory.mktemp("vgg-cbv"))
+
+
 @pytest.fixture(autouse=True)
 def _run_in_tmp(tmp_path, monkeypatch):
     """Run each test in its own folder so defaults such as ./work never land in the checkout."""

@@ -45,6 +45,12 @@ def test_brainage_table_roundtrip(tmp_path):
     assert table.loc[0, "brain_pad"] == pytest.approx(2.25)
     assert pd.isna(table.loc[1, "brain_pad"]) and "n/a" in path.read_text()
     assert set(json.loads(path.with_suffix(".json").read_text())) == set(BRAINAGE_COLUMNS)
+    # what produced a row (vgg-cbv's branches and stack) goes into the sidecar, beside the columns
+    provenance = {"vgg-cbv": {"Branches": "T1w", "Stack": "TS", "StackCoefficients": [1.0, 0.9, -0.2]}}
+    write_brainage_table(path, [{"model": "vgg-cbv", "brain_age": 47.0, "age": 40.0}], provenance)
+    sidecar = json.loads(path.with_suffix(".json").read_text())
+    assert set(sidecar) == set(BRAINAGE_COLUMNS) | {"ModelProvenance"}
+    assert sidecar["ModelProvenance"] == provenance
     with pytest.raises(ValueError, match="unknown brainage columns"):
         write_brainage_table(path, [{"model": "x", "gap": 1}])
 

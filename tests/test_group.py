@@ -80,15 +80,15 @@ def make_dataset(root, *, n_per_group=12, n_repeat=4, seed=0, with_maps=True):
                     + 2.0 * (ages[i] - 52) / 15 * (_distance(REL_AGE) <= RADIUS) \
                     + 0.5 * (pad - bias) * (_distance(REL_PAD) <= RADIUS)
                 nib.save(nib.Nifti1Image(relevance.astype(np.float32), AFFINE),
-                         anat / f"{prefix}_space-{SPACE}_res-2_desc-alpha_relevancemap.nii.gz")
+                         anat / f"{prefix}_space-{SPACE}_res-2_desc-mlens_relevancemap.nii.gz")
                 nib.save(nib.Nifti1Image((gm + retest).astype(np.float32), AFFINE),
                          anat / f"{prefix}_space-{SPACE}_res-2_label-GM_desc-modulated_probseg.nii.gz")
                 nib.save(nib.Nifti1Image(np.ones(SHAPE, np.uint8), AFFINE),
                          anat / f"{prefix}_space-{SPACE}_res-2_desc-brain_mask.nii.gz")
                 nib.save(nib.Nifti1Image((local + 50 * retest).astype(np.float32), AFFINE),
-                         anat / f"{prefix}_space-{SPACE}_res-2_desc-alpha_brainagemap.nii.gz")
+                         anat / f"{prefix}_space-{SPACE}_res-2_desc-mlens_brainagemap.nii.gz")
             lines = ["model\tbrain_age\tbrain_age_lower\tbrain_age_upper\tage\tbrain_pad"]
-            for model, extra in (("alpha", 0.0), ("beta", rng.normal(0, 2))):
+            for model, extra in (("mlens", 0.0), ("beta", rng.normal(0, 2))):
                 ba = ages[i] + pad + (rng.normal(0, 0.3) if ses else 0) + extra
                 lines.append(f"{model}\t{ba:.3f}\tn/a\tn/a\t{ages[i]}\t{ba - ages[i]:.3f}")
             (anat / f"{prefix}_brainage.tsv").write_text("\n".join(lines) + "\n")
@@ -116,11 +116,11 @@ def test_outputs_written_atomically(dataset, run):
     assert isinstance(run, GroupResult)
     names = {p.name for p in run.files}
     for name in ("group_brainage.tsv", "group_brainage.json", "group_stats.tsv", "group_stats.json",
-                 "group_roivolumes.tsv", "group.html", "desc-alpha_biasfit.json", "desc-beta_biasfit.json",
-                 MAP.format("GMvolume", "HCVsPT", "pfwe"), MAP.format("alpha", "PTVsHC", "tfce")):
+                 "group_roivolumes.tsv", "group.html", "desc-mlens_biasfit.json", "desc-beta_biasfit.json",
+                 MAP.format("GMvolume", "HCVsPT", "pfwe"), MAP.format("mlens", "PTVsHC", "tfce")):
         assert name in names and (out / name).is_file()
     for stat in ("t", "d", "tfce", "p", "pfwe"):
-        for desc in ("GMvolume", "alpha"):
+        for desc in ("GMvolume", "mlens"):
             for contrast in ("PTVsHC", "HCVsPT"):
                 assert (out / MAP.format(desc, contrast, stat)).is_file()
     assert not list(out.rglob("*.part"))
@@ -158,11 +158,11 @@ def test_vbm_detects_the_planted_atrophy_only_where_planted(dataset, run):
 def test_voxel_brain_pad_detects_the_planted_region(dataset, run):
     _, out = dataset
     dist = _distance()
-    p_old = _map(out, "alpha", "PTVsHC", "pfwe")
+    p_old = _map(out, "mlens", "PTVsHC", "pfwe")
     assert np.mean(p_old[dist <= RADIUS - 1] <= 0.05) == 1.0
     assert not np.any(p_old[dist >= RADIUS + 4] <= 0.05)
     stats = pd.read_csv(out / "group_stats.tsv", sep="\t")
-    pooled = stats[(stats.test == "welch_t_pooled_voxels") & (stats.model == "alpha")].iloc[0]
+    pooled = stats[(stats.test == "welch_t_pooled_voxels") & (stats.model == "mlens")].iloc[0]
     assert pooled["statistic"] > 0 and pooled["df"] > 1000
 
 
@@ -170,58 +170,58 @@ def test_relevance_map_analyses_of_seed_002(dataset, run):
     """|relevance| where dense, old > young in the age ball, PAD slope in the PAD ball only."""
     _, out = dataset
     x, d_age, d_pad = np.indices(SHAPE)[0], _distance(REL_AGE), _distance(REL_PAD)
-    p_abs = _map(out, "alphaabsrelevance", "MeanVsZero", "pfwe")
+    p_abs = _map(out, "mlensabsrelevance", "MeanVsZero", "pfwe")
     assert np.all(p_abs[x >= 12] <= 0.05) and not np.any(p_abs[x <= 7] <= 0.05)
-    p_old = _map(out, "alpharelevanceagegroup", "OldVsYoung", "pfwe")
+    p_old = _map(out, "mlensrelevanceagegroup", "OldVsYoung", "pfwe")
     assert np.all(p_old[d_age <= 2] <= 0.05) and not np.any(p_old[d_age >= 7] <= 0.05)
-    assert not np.any(_map(out, "alpharelevanceagegroup", "YoungVsOld", "pfwe") <= 0.05)
-    p_pad = _map(out, "alpharelevancepad", "PADVsZero", "pfwe")
+    assert not np.any(_map(out, "mlensrelevanceagegroup", "YoungVsOld", "pfwe") <= 0.05)
+    p_pad = _map(out, "mlensrelevancepad", "PADVsZero", "pfwe")
     assert np.all(p_pad[d_pad <= 2] <= 0.05)
     assert not np.any(p_pad[d_age <= RADIUS + 1] <= 0.05)          # age, not brain-PAD
     assert not np.any(p_pad[d_pad >= 7] <= 0.05)
-    assert not np.any(_map(out, "alpharelevancepad", "ZeroVsPAD", "pfwe") <= 0.05)
-    assert np.median(_map(out, "alpharelevancepad", "PADVsZero", "r")[d_pad <= 2]) > 0.5
-    for desc, contrast, stat in (("alphaabsrelevance", "MeanVsZero", "d"), ("alpharelevanceagegroup",
-                                 "YoungVsOld", "tfce"), ("alpharelevancepad", "ZeroVsPAD", "t")):
+    assert not np.any(_map(out, "mlensrelevancepad", "ZeroVsPAD", "pfwe") <= 0.05)
+    assert np.median(_map(out, "mlensrelevancepad", "PADVsZero", "r")[d_pad <= 2]) > 0.5
+    for desc, contrast, stat in (("mlensabsrelevance", "MeanVsZero", "d"), ("mlensrelevanceagegroup",
+                                 "YoungVsOld", "tfce"), ("mlensrelevancepad", "ZeroVsPAD", "t")):
         assert (out / MAP.format(desc, contrast, stat)).is_file()
-    meta = json.loads((out / MAP.format("alpharelevancepad", "PADVsZero", "t").replace(".nii.gz", ".json"))
+    meta = json.loads((out / MAP.format("mlensrelevancepad", "PADVsZero", "t").replace(".nii.gz", ".json"))
                       .read_text())
-    assert meta["Regressor"] == "bias-corrected brain-PAD of alpha (linear-age)"
+    assert meta["Regressor"] == "bias-corrected brain-PAD of mlens (linear-age)"
     assert meta["Covariates"] == ["age", "age^2"] and meta["NPermutations"] == 100 and meta["N"] == 24
-    meta = json.loads((out / MAP.format("alpharelevanceagegroup", "OldVsYoung", "d").replace(".nii.gz", ".json"))
+    meta = json.loads((out / MAP.format("mlensrelevanceagegroup", "OldVsYoung", "d").replace(".nii.gz", ".json"))
                       .read_text())
     assert (meta["NOld"], meta["NYoung"]) == (11, 8)                # ages <= 40 and >= 60 of the fixture
     stats = pd.read_csv(out / "group_stats.tsv", sep="\t").set_index(["test", "contrast"])
-    rel = stats[stats.model == "alpharelevance"]
+    rel = stats[stats.model == "mlensrelevance"]
     for test, contrast, df in (("permutation_onesample_abs_tfce_fwe", "Mean-Zero", 23),
                                ("permutation_agegroup_tfce_fwe", "Old-Young", 17),
                                ("permutation_pad_glm_tfce_fwe", "PAD-Zero", 20)):
         row = rel.loc[(test, contrast)]
         assert row["p"] <= 0.05 and row["p_corrected"] <= 0.05 and row["df"] == df and row["statistic"] > 0
     assert rel.loc[("permutation_pad_glm_tfce_fwe", "Zero-PAD"), "p_corrected"] > 0.05
-    assert run.summary["significant_voxels"]["alpharelevance:Old>Young"] > 30
-    assert run.summary["significant_voxels"]["alpharelevance:PADslope<0"] == 0
+    assert run.summary["significant_voxels"]["mlensrelevance:Old>Young"] > 30
+    assert run.summary["significant_voxels"]["mlensrelevance:PADslope<0"] == 0
     html = (out / "group.html").read_text()
-    assert "Relevance maps" in html and "group_desc-alpharelevancepad_contrast-PADVsZero_stat-r" in html
+    assert "Relevance maps" in html and "group_desc-mlensrelevancepad_contrast-PADVsZero_stat-r" in html
 
 
 def test_global_brain_pad_statistics(dataset, run):
     _, out = dataset
     stats = pd.read_csv(out / "group_stats.tsv", sep="\t", keep_default_na=False, na_values=["n/a"])
-    glob = stats[(stats.level == "global") & (stats.model == "alpha")].set_index("test")
+    glob = stats[(stats.level == "global") & (stats.model == "mlens")].set_index("test")
     assert glob.loc["welch_t", "contrast"] == "PT-HC"
     assert glob.loc["welch_t", "p"] < 0.01 and glob.loc["welch_t", "effect_size"] > 1
     assert glob.loc["ztest_2samp", "p"] < 0.01 and glob.loc["ks_2samp", "p"] < 0.05
     assert glob.loc["welch_anova", "p"] == pytest.approx(glob.loc["welch_t", "p"], rel=1e-6)
-    corr = stats[(stats.model == "alpha") & stats.test.str.startswith("pearson_pad_age")]
+    corr = stats[(stats.model == "mlens") & stats.test.str.startswith("pearson_pad_age")]
     before = corr[(corr.test == "pearson_pad_age_before") & (corr.region == "controls")]["statistic"]
     after = corr[(corr.test == "pearson_pad_age_after") & (corr.region == "controls")]["statistic"]
     assert before.iloc[0] < -0.8 and abs(after.iloc[0]) < 1e-10
-    fit = json.loads((out / "desc-alpha_biasfit.json").read_text())
+    fit = json.loads((out / "desc-mlens_biasfit.json").read_text())
     assert fit["global"]["method"] == "linear-age" and fit["global"]["n_fit"] == 12   # one scan each
     assert fit["global"]["slope"] == pytest.approx(-0.4, abs=0.15)
     table = pd.read_csv(out / "group_brainage.tsv", sep="\t")
-    assert len(table) == 2 * 28 and set(table["model"]) == {"alpha", "beta"}
+    assert len(table) == 2 * 28 and set(table["model"]) == {"mlens", "beta"}
     assert list(table.columns[:9]) == ["participant_id", "session_id", "scan", "model", "brain_age", "age",
                                        "brain_pad", "brain_pad_corrected", "group"]
     assert {"sex", "survival"} <= set(table.columns)
@@ -262,18 +262,18 @@ def test_unknown_columns_and_labels_list_what_exists(dataset, tmp_path):
 def test_stored_bias_fit_is_reused(dataset, run, tmp_path):
     """--bias-fit-on FILE: another site's coefficients, not this run's controls."""
     _, out = dataset
-    stored = json.loads((out / "desc-alpha_biasfit.json").read_text())["global"]
+    stored = json.loads((out / "desc-mlens_biasfit.json").read_text())["global"]
     bids2, out2 = make_dataset(tmp_path, seed=5, with_maps=False)
-    res = run_group_level(bids2, out2, GroupOptions(bias_fit_on=str(out / "desc-alpha_biasfit.json"),
+    res = run_group_level(bids2, out2, GroupOptions(bias_fit_on=str(out / "desc-mlens_biasfit.json"),
                                                     n_perm=10), random_seed=0)
     assert not any(p.name.endswith("_statmap.nii.gz") for p in res.files)
-    fit = json.loads((out2 / "desc-alpha_biasfit.json").read_text())
+    fit = json.loads((out2 / "desc-mlens_biasfit.json").read_text())
     assert fit["global"] == stored                      # reused as is
     assert json.loads((out2 / "desc-beta_biasfit.json").read_text())["fitted_on"] == "controls"
     table = pd.read_csv(out2 / "group_brainage.tsv", sep="\t")
-    alpha = table[table.model == "alpha"]
-    expected = alpha.brain_pad - (stored["slope"] * alpha.age + stored["intercept"])
-    np.testing.assert_allclose(alpha.brain_pad_corrected, expected, atol=1e-6)
+    mlens = table[table.model == "mlens"]
+    expected = mlens.brain_pad - (stored["slope"] * mlens.age + stored["intercept"])
+    np.testing.assert_allclose(mlens.brain_pad_corrected, expected, atol=1e-6)
 
 
 def test_options_validation_and_json(tmp_path):

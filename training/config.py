@@ -139,7 +139,8 @@ class TrainConfig:
     input : dict
         Input preparation and augmentation parameters of the family.
     init_from : str or None
-        Fine-tune from a shipped model id (or a model card path) instead of training from scratch.
+        Fine-tune from a shipped model id (or a model card path or model folder) instead of
+        training from scratch.
     """
 
     family: str

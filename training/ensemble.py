@@ -194,7 +194,7 @@ def export_mlens(family, config, records: Sequence[ScanRecord], splits: Mapping[
     Returns
     -------
     Path
-        The model card ``<models_dir>/<model id>.json``.
+        The model card ``<models_dir>/<model id>/model_card.json``.
     """
     from .export import (_data_summary, _fold_seconds, card_header, to_fp16, training_record,
                      write_card)
@@ -239,8 +239,8 @@ def export_mlens(family, config, records: Sequence[ScanRecord], splits: Mapping[
                     stored = dict(zip((r.key for r in val), preds))
                     cached.write_text(json.dumps(stored, indent=1), encoding="utf-8")
                 base_val[s, b] = [stored[r.key] for r in val]
-                weights.append(_export_weights(folder, model_id, k, sub, b, member_dir, result,
-                                               exp, to_fp16))
+                weights.append(_export_weights(folder, k, sub, b, member_dir, result, exp,
+                                               to_fp16))
                 train_seconds += _fold_seconds(member_dir)
             coef, intercept = fit_ridge(base_val[s].T, [r.age for r in val], alpha)
             fold_heads.append({"coef": coef.tolist(), "intercept": intercept, "n_val": len(val)})
@@ -303,7 +303,7 @@ def export_mlens(family, config, records: Sequence[ScanRecord], splits: Mapping[
                              "(best epoch of each base model, ridge heads), test part = held-out "
                              f"fold; top-level head: inner {family.top_folds}-fold CV over the "
                              "pooled held-out predictions"),
-                  "file": f"{model_id}/splits.json", "seed": config.seed},
+                  "file": "splits.json", "seed": config.seed},
         "metrics": {
             "cross_validation": {
                 "pooled": regression_metrics(ages, mlens_pred),
@@ -315,7 +315,7 @@ def export_mlens(family, config, records: Sequence[ScanRecord], splits: Mapping[
                     "calibrated": {"coverage": float(np.mean(calibrated_cov)),
                                    "mean_width": float(2 * np.mean(top_cv["calibrated_halfwidth"])),
                                    "shipped_halfwidth": calibrated}},
-                "predictions": f"{model_id}/cv_predictions.tsv"},
+                "predictions": "cv_predictions.tsv"},
             "ridge_baseline": ({"pooled": ridge["pooled"], "per_fold": ridge["per_fold"],
                                 "features": ridge["features"]} if ridge else None)},
         "training": {**training_record(config, device, train_seconds, wall_seconds),
@@ -331,18 +331,18 @@ def export_mlens(family, config, records: Sequence[ScanRecord], splits: Mapping[
     return card_path
 
 
-def _export_weights(folder: Path, model_id: str, fold: int, sub: str, b: int, member_dir: Path,
+def _export_weights(folder: Path, fold: int, sub: str, b: int, member_dir: Path,
                     result: Mapping[str, Any], exp, to_fp16) -> dict[str, Any]:
+    """Write one base network as ``<folder>/<sub-ensemble>_base{b}_fold{k}.pt`` (next to the card)."""
     state = torch.load(member_dir / "checkpoint_best.pt", map_location="cpu", weights_only=True)["model"]
     half = exp.fp16 == "always" or (
         exp.fp16 == "auto" and result["fp16_max_change_years"] < exp.fp16_tolerance_years)
-    target = folder / sub / f"base{b:02d}_fold{fold}.pt"
-    target.parent.mkdir(parents=True, exist_ok=True)
+    target = folder / f"{sub}_base{b:02d}_fold{fold}.pt"
     tmp = target.with_suffix(".part")
     torch.save(to_fp16(state) if half else state, tmp)
     tmp.replace(target)
     return {"fold": fold, "subensemble": sub, "member": b,
-            "file": f"{model_id}/{sub}/{target.name}", "sha256": sha256_file(target),
+            "file": target.name, "sha256": sha256_file(target),
             "dtype": "float16" if half else "float32", "bytes": target.stat().st_size,
             "fp16_max_change_years": result["fp16_max_change_years"],
             "best_epoch": result["best_epoch"], "best_val_mae": result["best_val_mae"]}

@@ -13,6 +13,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
+from bidsapp.inference.registry import CARD_NAME
 from bidsapp.inference.weights import sha256_file
 
 from .baselines import RidgeBaseline
@@ -168,8 +169,12 @@ def training_record(config: TrainConfig, device: torch.device, train_seconds: fl
 
 
 def write_card(card: Mapping[str, Any], models_dir: Path) -> Path:
-    """Write ``<models_dir>/<id>.json`` atomically (a reader never sees half a card)."""
-    card_path = models_dir / f"{card['id']}.json"
+    """Write ``<models_dir>/<id>/model_card.json`` atomically (a reader never sees half a card).
+
+    The card's file paths are relative to that folder, where the weights are written.
+    """
+    card_path = models_dir / card["id"] / CARD_NAME
+    card_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = card_path.with_suffix(".part")
     tmp.write_text(json.dumps(card, indent=1, default=float), encoding="utf-8")
     tmp.replace(card_path)
@@ -180,7 +185,7 @@ def export_model(config: TrainConfig, family: ModelFamily, records: Sequence[Sca
                  work_dir: Path, device: torch.device, *, ridge: Mapping[str, Any] | None = None,
                  fine_tuned_from: Mapping[str, Any] | None = None,
                  wall_seconds: float | None = None) -> Path:
-    """Write ``<models_dir>/<id>/fold{k}.pt`` and the card ``<models_dir>/<id>.json``.
+    """Write ``<models_dir>/<id>/fold{k}.pt`` and the card ``<models_dir>/<id>/model_card.json``.
 
     Returns
     -------
@@ -206,7 +211,7 @@ def export_model(config: TrainConfig, family: ModelFamily, records: Sequence[Sca
         size = target.stat().st_size
         if size > 50 * 2 ** 20:
             LOGGER.warning("%s is %.1f MB (> 50 MB)", target, size / 2 ** 20)
-        weights.append({"fold": k, "file": f"{model_id}/fold{k}.pt", "sha256": sha256_file(target),
+        weights.append({"fold": k, "file": target.name, "sha256": sha256_file(target),
                         "dtype": "float16" if half else "float32", "bytes": size,
                         "fp16_max_change_years": result["fp16_max_change_years"]})
         seconds = _fold_seconds(work_dir / f"fold{k}")
@@ -230,9 +235,9 @@ def export_model(config: TrainConfig, family: ModelFamily, records: Sequence[Sca
                   "scheme": f"age-stratified {len(splits['folds'])}-fold; per fold "
                             f"{config.data.val_fraction:.0%} of participants for validation "
                             "(early stopping, LR schedule, best epoch), test part = held-out fold",
-                  "file": f"{model_id}/splits.json", "seed": config.seed},
+                  "file": "splits.json", "seed": config.seed},
         "metrics": {"cross_validation": {"pooled": pooled, "per_fold": per_fold,
-                                         "predictions": f"{model_id}/cv_predictions.tsv"},
+                                         "predictions": "cv_predictions.tsv"},
                     "ridge_baseline": ({"pooled": ridge["pooled"], "per_fold": ridge["per_fold"],
                                         "features": ridge["features"]} if ridge else None),
                     "thick_slice_robustness": _robustness(all_rows, spacings)},

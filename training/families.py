@@ -649,8 +649,9 @@ class VGGCBVFamily(ModelFamily):
     ``dense_units`` (512, 128) and ``dropout`` (0).  ``[input]`` holds
     :class:`bidsapp.transforms.mni_affine.MNIAffineSpec` keys.  Training minimises the L1 loss
     (:class:`training.trainer.L1Trainer`).  The card gets the paper's stacks on the cross-validation
-    predictions (``T`` and, with sex known, ``TS``), their nested F-test and MAE per 5-year
-    age band and per site (:mod:`training.stacking`).
+    predictions (``T`` and, with sex known, ``TS``) with their cross-fitted MAE and the
+    coefficients the app applies (:mod:`bidsapp.inference.vgg_cbv`), their nested F-test and
+    MAE per 5-year age band and per site (:mod:`training.stacking`).
     """
 
     name = "vgg-cbv"
@@ -724,7 +725,8 @@ class VGGCBVFamily(ModelFamily):
     def card_extras(self, fold_results) -> dict[str, Any]:
         import pandas as pd
 
-        from .stacking import available_stacks, fit_stacks, mae_by_group, nested_f_tests
+        from .stacking import (STACKS, available_stacks, fit_stack, fit_stacks, mae_by_group,
+                               nested_f_tests)
 
         frame = pd.DataFrame([{"fold": k, "age": r["age"], "t1w": r["predicted"],
                                "sex": r.get("sex"), "site": r.get("site") or "n/a"}
@@ -739,12 +741,17 @@ class VGGCBVFamily(ModelFamily):
         predictions = {"network": frame["t1w"], **{s: stacked[s] for s in stacks}}
         age = frame["age"].to_numpy()
         return {"stacking": {
-            "stacks": {s: {"predictors": s, "cv_mae": float(np.mean(np.abs(stacked[s] - age)))}
+            "stacks": {s: {"predictors": s, "columns": list(STACKS[s]),
+                           "cv_mae": float(np.mean(np.abs(stacked[s] - age))),
+                           # what the app applies: refitted on every fold's held-out predictions
+                           "coef": [float(c) for c in fit_stack(frame, s).params]}
                        for s in stacks},
             "fitting": "ordinary least squares of age on the T1w network's prediction (and sex, "
-                       "0 female / 1 male); cross-fitted over the folds (fitted on the other "
-                       "folds' held-out predictions; the paper fitted on train + validation "
-                       "predictions of one split)",
+                       "0 female / 1 male); cv_mae cross-fitted over the folds (fitted on the "
+                       "other folds' held-out predictions; the paper fitted on train + validation "
+                       "predictions of one split); coef (intercept first, then columns) fitted "
+                       "on all folds' held-out predictions, applied by the app to the fold "
+                       "ensemble's prediction",
             "f_tests": nested_f_tests(frame).to_dict(orient="records"),
             "f_tests_on": "the pooled held-out (CV) predictions",
             "mae_by_age_band": mae_by_group(frame, predictions, "age_band").to_dict(orient="index"),

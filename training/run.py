@@ -91,7 +91,10 @@ def _best_val_mae(path: Path) -> float:
 
 
 def resolve_init_from(init_from: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Model card and checked fold weights of a shipped model id or a card path.
+    """Model card and checked fold weights of a shipped model id, a card path or a model folder.
+
+    A card's weight paths are relative to the card's folder (``<id>/model_card.json``, or the
+    deprecated ``<id>.json`` beside ``<id>/``).
 
     Raises
     ------
@@ -100,19 +103,21 @@ def resolve_init_from(init_from: str) -> tuple[dict[str, Any], list[dict[str, An
     ModelError
         Missing or tampered weights.
     """
-    from bidsapp.inference.registry import available_models, models_dir
+    from bidsapp.inference.registry import CARD_NAME, available_models, models_dir, read_card
     from bidsapp.inference.weights import load_card_state_dicts
 
     path = Path(init_from)
+    if path.is_dir() and (path / CARD_NAME).is_file():
+        path = path / CARD_NAME
     if path.suffix == ".json" and path.is_file():
         card, folder = json.loads(path.read_text(encoding="utf-8")), path.parent
     else:
         cards = available_models()
         if init_from not in cards:
             raise UsageError(f"init_from: no shipped model {init_from!r} in {models_dir()} "
-                             f"(available: {', '.join(cards) or 'none'}); give a model id or a "
-                             "model card path")
-        card, folder = cards[init_from], models_dir()
+                             f"(available: {', '.join(cards) or 'none'}); give a model id, a "
+                             "model card path or a model folder")
+        card, folder = read_card(init_from)
     return card, load_card_state_dicts(card, folder)
 
 

@@ -18,15 +18,16 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+# accepted sex labels (case-insensitive) and their code, 0 female / 1 male (the paper's): one
+# table for training and for the app's predictor
+from bidsapp.bids.ages import SEX_CODES
+
 __all__ = ["STACKS", "SEX_CODES", "code_sex", "available_stacks", "default_comparisons",
            "fit_stack", "fit_stacks", "nested_f_tests", "mae_by_group", "age_band"]
 
 #: Predictors of each stack (``sex`` is coded by :func:`code_sex`).
 STACKS: dict[str, tuple[str, ...]] = {"T": ("t1w",), "A": ("cbv",), "TA": ("t1w", "cbv"),
                                       "TAS": ("t1w", "cbv", "sex"), "TS": ("t1w", "sex")}
-#: Accepted sex labels (case-insensitive) and their code: 0 female, 1 male (the paper's).
-SEX_CODES = {"f": 0, "female": 0, "w": 0, "woman": 0, "0": 0,
-             "m": 1, "male": 1, "man": 1, "1": 1}
 
 
 def code_sex(values: Sequence[object]) -> np.ndarray:

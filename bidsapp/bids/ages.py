@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import numbers
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ from typing import Any
 
 from ..errors import AgeError
 
-__all__ = ["ScanInfo", "lookup_scan_info", "to_years", "read_tsv"]
+__all__ = ["ScanInfo", "lookup_scan_info", "to_years", "read_tsv", "SEX_CODES", "sex_code"]
 
 LOGGER = logging.getLogger("brainage.bids")
 
@@ -38,6 +39,10 @@ _SEX_COLUMNS = ("sex", "gender")
 _SITE_COLUMNS = ("site", "scanner", "site_id", "center", "centre")
 _VALUE_RE = re.compile(r"^\s*([+-]?\d+(?:\.\d*)?|[+-]?\.\d+)\s*(\+?)\s*([A-Za-z_ ]*?)\s*$")
 _MISSING = {"", "n/a", "na", "nan"}
+#: Sex labels (lower case) and their numeric code: 0 female, 1 male (seed 003's coding, used by
+#: the stacks of ``vgg-cbv`` at training and at prediction time).
+SEX_CODES = {"f": 0, "female": 0, "w": 0, "woman": 0, "0": 0,
+             "m": 1, "male": 1, "man": 1, "1": 1}
 
 
 @dataclass
@@ -131,6 +136,24 @@ def to_years(value: Any, unit: str | None, *, where: str) -> tuple[float | None,
     if years > 120:
         raise AgeError(f"{where}: age {text!r} ({years:.1f} y) is implausible; check the units")
     return years, plus
+
+
+def sex_code(value: Any) -> int | None:
+    """0 (female) or 1 (male) for a sex label of :data:`SEX_CODES`; ``None`` when unknown.
+
+    Missing values (``None``, ``n/a``) and labels outside :data:`SEX_CODES` (e.g. ``other``)
+    give ``None``: the caller decides what a model does without the sex.
+
+    Examples
+    --------
+    >>> sex_code("F"), sex_code(" Male "), sex_code(1), sex_code("n/a"), sex_code("other")
+    (0, 1, 1, None, None)
+    """
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, numbers.Real) and value in (0, 1):
+        return int(value)
+    return SEX_CODES.get(str(value).strip().lower())
 
 
 def read_tsv(path: Path) -> tuple[list[str], list[dict[str, str]]]:

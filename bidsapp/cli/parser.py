@@ -121,6 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
     mdl = parser.add_argument_group("models")
     _add(mdl, "--models", nargs="+", default=["all"], metavar="ID",
          help=f"models to run: all (default), none (preprocessing only) or ids: {', '.join(MODEL_IDS)}")
+    _add(mdl, "--cbv-model", type=Path, metavar="FILE", default=None,
+         help="CBV synthesis checkpoint (cbv_synth.pt from 'python -m training.cbv_synth', "
+              "trained on your own paired T1w/CBV scans): vgg-cbv then also runs its CBV branch "
+              "on the CBV map synthesised from the MNI-space T1w and applies a T1w+CBV stack. "
+              "Needs a vgg-cbv model with CBV-branch weights (none ships: no paired data is "
+              "public); refused with exit 65 otherwise")
     _add(mdl, "--vbm-fwhm", type=float, metavar="MM", default=None,
          help="also write smoothed modulated GM/WM maps with this FWHM in mm (e.g. 4)")
 
@@ -242,6 +248,24 @@ def _resolve_models(requested: Sequence[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
+def _cbv_model(path: Path | None, models: tuple[str, ...]) -> Path | None:
+    """Check ``--cbv-model``: an existing file, and vgg-cbv among the models to run.
+
+    Whether the installed vgg-cbv model has a CBV branch is checked by the participant level,
+    after the model cards are read (:func:`bidsapp.inference.vgg_cbv.check_cbv_request`).
+    """
+    if path is None:
+        return None
+    if models != ("all",) and "vgg-cbv" not in models:
+        raise UsageError(f"--cbv-model feeds the CBV branch of vgg-cbv, which --models "
+                         f"{' '.join(models) or 'none'} does not run; add vgg-cbv to --models or "
+                         "drop --cbv-model")
+    path = path.expanduser().absolute()
+    if not path.is_file():
+        raise InputMissingError(f"--cbv-model file {path} does not exist")
+    return path
+
+
 def parse_args(argv: Sequence[str] | None = None) -> RunConfig:
     """Parse and validate the command line.
 
@@ -306,6 +330,8 @@ def parse_args(argv: Sequence[str] | None = None) -> RunConfig:
         group_options["analysis_file"] = str(args.analysis.absolute())
     if args.n_perm is not None and args.n_perm < 1:
         raise UsageError(f"--n-perm must be >= 1, got {args.n_perm}")
+    models = _resolve_models(args.models)
+    cbv_model = _cbv_model(args.cbv_model, models) if "participant" in levels else None
     _check_writable(output_dir, "output_dir")
     if "participant" in levels:
         _check_writable(work_dir, "--work-dir")
@@ -314,7 +340,7 @@ def parse_args(argv: Sequence[str] | None = None) -> RunConfig:
         participant_labels=tuple(participants) if participants else None,
         session_labels=tuple(sessions) if sessions else None, bids_filters=filters,
         nprocs=nprocs, omp_nthreads=omp, mem_gb=parse_mem_gb(args.mem),
-        models=_resolve_models(args.models), device=device,
+        models=models, device=device, cbv_model=cbv_model,
         skip_bids_validation=args.skip_bids_validation, random_seed=args.random_seed,
         vbm_fwhm=args.vbm_fwhm, verbosity=args.verbosity, group_options=group_options,
         nipype_plugin=plugin, nipype_plugin_args=plugin_args)

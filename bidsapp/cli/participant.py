@@ -110,7 +110,8 @@ def run_participant_level(config: RunConfig) -> None:
     Raises
     ------
     BIDSValidationError, EmptySelectionError, InputMissingError, ImageError, AgeError, ModelError
-        Before any processing starts.
+        Before any processing starts (a ``--cbv-model`` that the installed vgg-cbv model
+        cannot use is a ModelError).
     ParticipantBusyError
         When another run holds every selected participant (see :mod:`bidsapp.locking`).
     ParticipantFailure
@@ -124,7 +125,13 @@ def run_participant_level(config: RunConfig) -> None:
     units = collect_t1w_units(config.bids_dir, participant_labels=config.participant_labels,
                               session_labels=config.session_labels, query=config.bids_filters)
     models = resolve_models(config.models)
-    _flag_age_range(units, verify_models(models))
+    cards = verify_models(models)
+    if config.cbv_model is not None:
+        from ..inference.registry import models_dir
+        from ..inference.vgg_cbv import check_cbv_request
+
+        check_cbv_request(cards.get("vgg-cbv"), config.cbv_model, models_dir())
+    _flag_age_range(units, cards)
     for unit in units:
         for warning in unit.info.warnings:
             LOGGER.warning("%s: %s", unit.relpath, warning)
@@ -172,7 +179,8 @@ def _process(config: RunConfig, units: list[T1wUnit], good: list[T1wUnit],
     crash_root = config.work_dir / "crash" / config.run_uuid
     workflow = init_brainage_wf(units=good, output_dir=config.output_dir, work_dir=config.work_dir,
                                 omp_nthreads=config.omp_nthreads, random_seed=config.random_seed,
-                                vbm_fwhm=config.vbm_fwhm, models=models, device=config.device)
+                                vbm_fwhm=config.vbm_fwhm, models=models, device=config.device,
+                                cbv_model=config.cbv_model)
     workflow.config["execution"].update({
         "crashdump_dir": str(crash_root), "crashfile_format": "txt", "stop_on_first_crash": False,
         "remove_unnecessary_outputs": False, "parameterize_dirs": False,

@@ -1,9 +1,10 @@
 """Prediction with the shipped densenet-clinical ensemble (seed 004), and its relevance map.
 
-The model card ``densenet-clinical.json`` gives the architecture, the input preparation and
-the fold weights (sha256-checked).  A scan's prediction is the mean over the fold models of
-each model's mean over the input views (the synthetic slicing offsets of a 3D scan, or the one
-view of a real thick-slice scan); the interval comes from the spread of the fold models.
+The model card ``densenet-clinical/model_card.json`` gives the architecture, the input
+preparation and the fold weights (sha256-checked).  A scan's prediction is the mean over the
+fold models of each model's mean over the input views (the synthetic slicing offsets of a 3D
+scan, or the one view of a real thick-slice scan); the interval comes from the spread of the
+fold models.
 """
 
 from __future__ import annotations
@@ -113,7 +114,7 @@ class DenseNetClinicalPredictor:
     @classmethod
     def from_models_dir(cls, models_dir: str | Path | None = None,
                         device: str = "cpu") -> "DenseNetClinicalPredictor":
-        """Load ``<models_dir>/densenet-clinical.json`` (default: the registry's folder)."""
+        """Load ``<models_dir>/densenet-clinical/model_card.json`` (default: the registry's)."""
         from .registry import read_card
 
         card, folder = read_card(MODEL_ID, models_dir)
@@ -196,7 +197,7 @@ def predict_densenet_clinical(t1w: str | Path, mask: str | Path, *,
     t1w, mask : path
         Participant-level ``desc-preproc_T1w`` and ``desc-brain_mask``.
     models_dir : path, optional
-        Folder with ``densenet-clinical.json`` (default: the installed models).
+        Models folder with ``densenet-clinical/model_card.json`` (default: the installed models).
     device : str
     relevance_file : path, optional
         Write the guided-backpropagation map (T1w grid, NIfTI) here.

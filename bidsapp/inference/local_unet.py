@@ -1,8 +1,9 @@
 """Prediction with a shipped local-unet model (seed 000): voxelwise brain-age maps.
 
-The model card ``local-unet.json`` (written by ``brainage-train`` with ``family = "local-unet"``)
-gives the architecture, the input preparation (:mod:`bidsapp.transforms.modulated`), the block
-geometry and the fold weights (sha256-checked).  For one participant's modulated GM/WM maps:
+The model card ``local-unet/model_card.json`` (written by ``brainage-train`` with
+``family = "local-unet"``) gives the architecture, the input preparation
+(:mod:`bidsapp.transforms.modulated`), the block geometry and the fold weights
+(sha256-checked).  For one participant's modulated GM/WM maps:
 
 1. the input is prepared on the model's grid and cropped to the template brain box;
 2. every fold network is tiled over the template brain mask (:func:`tiled_age_map`): output
@@ -193,7 +194,7 @@ class LocalUNetPredictor:
     @classmethod
     def from_models_dir(cls, models_dir: str | Path | None = None, device: str = "cpu",
                         **kwargs) -> "LocalUNetPredictor":
-        """Load ``<models_dir>/local-unet.json`` (default: the registry's folder)."""
+        """Load ``<models_dir>/local-unet/model_card.json`` (default: the registry's folder)."""
         from .registry import read_card
 
         card, folder = read_card(MODEL_ID, models_dir)
@@ -298,7 +299,7 @@ def predict_local_unet(anat_dir: str | Path, prefix: str, *, models_dir: str | P
     prefix : str
         Entity prefix of the T1w (``sub-01``).
     models_dir : path, optional
-        Folder with ``local-unet.json`` (default: the installed models).
+        Models folder with ``local-unet/model_card.json`` (default: the installed models).
     device : str
     age : float, optional
         Chronological age (for the PAD map and ROI brain-PAD).

@@ -1,9 +1,9 @@
 """Prediction with a shipped MLens model (seed 002), its interval and its LRP relevance map.
 
-The model card ``mlens.json`` (written by ``brainage-train`` with ``family = "mlens"``) lists
-every base model's weights (sha256-checked) by fold, sub-ensemble and member, the ridge head of
-every (fold, sub-ensemble), the top-level ridge head and the interval settings.  For one
-MNI-space T1w:
+The model card ``mlens/model_card.json`` (written by ``brainage-train`` with
+``family = "mlens"``) lists every base model's weights (sha256-checked) by fold, sub-ensemble
+and member, the ridge head of every (fold, sub-ensemble), the top-level ridge head and the
+interval settings.  For one MNI-space T1w:
 
 1. each sub-ensemble's input is prepared (:mod:`bidsapp.transforms.mni_pruned`);
 2. per fold, the sub-ensemble's head combines its base models' predictions; the sub-ensemble
@@ -175,7 +175,7 @@ class MLensPredictor:
     @classmethod
     def from_models_dir(cls, models_dir: str | Path | None = None,
                         device: str = "cpu") -> "MLensPredictor":
-        """Load ``<models_dir>/mlens.json`` (default: the registry's folder)."""
+        """Load ``<models_dir>/mlens/model_card.json`` (default: the registry's folder)."""
         from .registry import read_card
 
         card, folder = read_card(MODEL_ID, models_dir)
@@ -290,7 +290,7 @@ def predict_mlens(std_t1w: str | Path, *, models_dir: str | Path | None = None, 
     std_t1w : path
         Participant-level ``space-MNI152NLin2009aSym_res-2_desc-preproc_T1w``.
     models_dir : path, optional
-        Folder with ``mlens.json`` (default: the installed models).
+        Models folder with ``mlens/model_card.json`` (default: the installed models).
     device : str
     relevance_file : path, optional
         Write the LRP map (2 mm template grid, NIfTI) here.

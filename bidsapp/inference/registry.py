@@ -1,7 +1,15 @@
-"""Shipped models: each is a model card JSON (``<id>.json``) beside its weights.
+"""Shipped models: each is one folder ``<id>/`` holding its card ``model_card.json`` and weights.
 
-Cards are looked up in ``$BRAINAGE_MODELS_DIR`` when set (a site's own or fine-tuned models),
-else in the models installed with the package.
+A models folder is a folder of model folders::
+
+    <models_dir>/<id>/model_card.json   the card: architecture, input, weights with sha256, metrics
+    <models_dir>/<id>/*.pt              the weights, named in the card relative to the card's folder
+    <models_dir>/<id>/splits.json       the cross-validation split (and cv_predictions.tsv)
+
+Models folders are looked up in ``$BRAINAGE_MODELS_DIR`` when set (a site's own or fine-tuned
+models), else in the models installed with the package.  The layout of earlier versions (a card
+``<models_dir>/<id>.json`` beside the folder ``<id>/``, weight paths relative to
+``<models_dir>``) is still read, with a deprecation warning.
 """
 
 from __future__ import annotations
@@ -17,14 +25,30 @@ from ..config import MODEL_IDS
 from ..errors import ModelError
 from ..jsonfiles import read_json_file
 
-__all__ = ["models_dir", "available_models", "read_card", "require_family", "resolve_models",
-           "verify_models", "training_age_range"]
+__all__ = ["CARD_NAME", "models_dir", "card_path", "available_models", "read_card",
+           "require_family", "resolve_models", "verify_models", "training_age_range"]
 
 LOGGER = logging.getLogger("brainage.inference")
 
+#: File name of the model card inside each model folder.
+CARD_NAME = "model_card.json"
+_warned_legacy: set[Path] = set()
+
+
+def _warn_legacy(card: Path) -> None:
+    """Log once per models folder that it still has the layout of earlier versions."""
+    folder = card.parent.resolve()
+    if folder in _warned_legacy:
+        return
+    _warned_legacy.add(folder)
+    LOGGER.warning("%s has model cards in the layout of earlier brainage versions (<id>.json "
+                   "beside <id>/); this layout is deprecated: move each card to "
+                   "<id>/%s and make its weight paths relative to that folder",
+                   card.parent, CARD_NAME)
+
 
 def models_dir() -> Path:
-    """Folder holding model cards and weights.
+    """The models folder: one folder ``<id>/`` per model, with its card and weights.
 
     ``$BRAINAGE_MODELS_DIR`` overrides; an installed package has them as ``bidsapp._models``
     (the checkout's top-level ``models/``, mapped by setup.cfg); a checkout uses ``models/``.
@@ -38,8 +62,37 @@ def models_dir() -> Path:
     return Path(__file__).resolve().parents[2] / "models"
 
 
+def card_path(model_id: str, folder: str | Path | None = None) -> Path | None:
+    """The card of ``model_id`` in the models folder ``folder`` (default: :func:`models_dir`).
+
+    ``<folder>/<model_id>/model_card.json``, else the deprecated ``<folder>/<model_id>.json``
+    (logged once per folder), else ``None``.
+    """
+    folder = Path(folder) if folder is not None else models_dir()
+    card = folder / model_id / CARD_NAME
+    if card.is_file():
+        return card
+    legacy = folder / f"{model_id}.json"
+    if legacy.is_file():
+        _warn_legacy(legacy)
+        return legacy
+    return None
+
+
 def read_card(model_id: str, folder: str | Path | None = None) -> tuple[dict, Path]:
-    """The parsed card ``<folder>/<model_id>.json`` and its folder (default: :func:`models_dir`).
+    """The parsed card of ``model_id`` and the folder its weight paths are relative to.
+
+    Parameters
+    ----------
+    model_id : str
+    folder : path, optional
+        A models folder (a folder of model folders); default: :func:`models_dir`.
+
+    Returns
+    -------
+    tuple
+        The card and the card's own folder (``<folder>/<model_id>``; ``<folder>`` for a card in
+        the deprecated ``<folder>/<model_id>.json`` layout).
 
     Raises
     ------
@@ -47,11 +100,12 @@ def read_card(model_id: str, folder: str | Path | None = None) -> tuple[dict, Pa
         When the card is missing or not valid JSON.
     """
     folder = Path(folder) if folder is not None else models_dir()
-    card_path = folder / f"{model_id}.json"
-    if not card_path.is_file():
-        raise ModelError(f"no {model_id} model card in {folder}")
-    card = read_json_file(card_path, "model card", missing=ModelError, invalid=ModelError)
-    return card, folder
+    path = card_path(model_id, folder)
+    if path is None:
+        raise ModelError(f"no {model_id} model card in {folder} (expected "
+                         f"{folder / model_id / CARD_NAME})")
+    card = read_json_file(path, "model card", missing=ModelError, invalid=ModelError)
+    return card, path.parent
 
 
 def require_family(card: dict, family: str, article: str = "a") -> None:
@@ -69,16 +123,31 @@ def require_family(card: dict, family: str, article: str = "a") -> None:
 
 
 def available_models() -> dict[str, dict]:
-    """Model cards of the shipped models, keyed by model id."""
+    """Model cards of the shipped models, keyed by model id.
+
+    A card counts when its ``id`` is a known model id and is the name of its model folder (or,
+    in the deprecated layout, of the card file).
+    """
     folder = models_dir()
+    if not folder.is_dir():
+        return {}
+    found = [(p.parent.name, p) for p in sorted(folder.glob(f"*/{CARD_NAME}"))]
+    legacy = [(p.stem, p) for p in sorted(folder.glob("*.json"))
+              if not (folder / p.stem / CARD_NAME).is_file()]
     cards = {}
-    for card in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+    for name, card in found + legacy:
         try:
             content = json.loads(card.read_text(encoding="utf-8"))
         except ValueError as exc:
             raise ModelError(f"model card {card} is not valid JSON ({exc}); reinstall brainage") from exc
-        if content.get("id") in MODEL_IDS:
-            cards[content["id"]] = content
+        if not isinstance(content, dict) or content.get("id") not in MODEL_IDS:
+            continue
+        if content["id"] != name:
+            LOGGER.warning("model card %s is for %s, not %s: ignored", card, content["id"], name)
+            continue
+        if card.name != CARD_NAME:
+            _warn_legacy(card)
+        cards.setdefault(content["id"], content)
     return cards
 
 

@@ -1,8 +1,10 @@
 """Checked loading of shipped weights: sha256 first, then ``torch.load(weights_only=True)``.
 
-A model card lists each weights file with its sha256.  Nothing is unpickled before the hash
-matches, and only tensors and plain containers can be loaded at all, so a tampered or
-truncated file is refused with a :class:`~bidsapp.errors.ModelError` (exit 65) naming it.
+A model card (``<models_dir>/<id>/model_card.json``, see :mod:`bidsapp.inference.registry`)
+lists each weights file with its sha256, by a path relative to the card's folder (the weights
+lie next to the card).  Nothing is unpickled before the hash matches, and only tensors and
+plain containers can be loaded at all, so a tampered or truncated file is refused with a
+:class:`~bidsapp.errors.ModelError` (exit 65) naming it.
 """
 
 from __future__ import annotations
@@ -87,7 +89,11 @@ def load_checked(path: str | Path, sha256: str, *, map_location: str = "cpu") ->
 
 
 def card_weight_files(card: Mapping[str, Any], folder: str | Path) -> list[tuple[Path, str]]:
-    """``(path, sha256)`` of every weights file a model card lists, relative to ``folder``."""
+    """``(path, sha256)`` of every weights file a model card lists, relative to ``folder``.
+
+    ``folder`` is the card's own folder, as :func:`bidsapp.inference.registry.read_card` returns
+    it (``<models_dir>/<id>``; ``<models_dir>`` for a card in the deprecated layout).
+    """
     entries = card.get("weights")
     if not isinstance(entries, list) or not entries:
         raise ModelError(f"model card {card.get('id', '?')} lists no weights")

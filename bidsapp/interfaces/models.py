@@ -13,13 +13,14 @@ from typing import Any
 from nipype.interfaces.base import (BaseInterfaceInputSpec, File, InputMultiObject,
                                     SimpleInterface, Str, TraitedSpec, isdefined, traits)
 
-__all__ = ["DenseNetClinicalPredict", "MLensPredict", "LocalUNetPredict"]
+__all__ = ["DenseNetClinicalPredict", "MLensPredict", "VGGCBVPredict", "LocalUNetPredict"]
 
 
 class _DenseNetClinicalPredictInputSpec(BaseInterfaceInputSpec):
     t1w_preproc = File(exists=True, mandatory=True, desc="native N4-corrected T1w (desc-preproc_T1w)")
     t1w_mask = File(exists=True, mandatory=True, desc="native brain mask (desc-brain_mask)")
-    models_dir = Str(desc="folder with densenet-clinical.json (default: the installed models)")
+    models_dir = Str(desc="folder with densenet-clinical/model_card.json "
+                          "(default: the installed models)")
     device = Str("cpu", usedefault=True, desc="torch device")
     num_threads = traits.Int(1, usedefault=True, desc="torch CPU threads")
     relevance = traits.Bool(True, usedefault=True, desc="compute the guided-backpropagation map")
@@ -69,7 +70,7 @@ def _load_predictor(predictor_cls: type, inputs: Any, **kwargs: Any) -> Any:
 
 
 def _write_prediction(cwd: str, model_id: str, result: Any, details: dict[str, Any],
-                      maps: list[dict[str, Any]]) -> str:
+                      maps: list[dict[str, Any]], provenance: dict[str, Any] | None = None) -> str:
     """Write the prediction record the derivatives sink reads; returns its path.
 
     Parameters
@@ -84,6 +85,8 @@ def _write_prediction(cwd: str, model_id: str, result: Any, details: dict[str, A
         Model-specific details of the prediction (JSON-serialisable).
     maps : list of dict
         The maps and tables the sink writes (``file``, ``suffix``, ``meta``, ...).
+    provenance : dict, optional
+        What produced the row, for the ``_brainage.json`` sidecar (``ModelProvenance``).
 
     Returns
     -------
@@ -93,6 +96,8 @@ def _write_prediction(cwd: str, model_id: str, result: Any, details: dict[str, A
     record = {"model": model_id, "brain_age": result.brain_age,
               "brain_age_lower": result.lower, "brain_age_upper": result.upper,
               "details": details, "maps": maps}
+    if provenance:
+        record["provenance"] = provenance
     path = os.path.join(cwd, "prediction.json")
     with open(path, "w", encoding="utf-8") as handle:
         json.dump(record, handle, indent=2)
@@ -151,7 +156,7 @@ class _MLensPredictInputSpec(BaseInterfaceInputSpec):
     std_t1w = File(exists=True, mandatory=True,
                    desc="brain-masked T1w on the 2 mm template grid "
                         "(space-MNI152NLin2009aSym_res-2_desc-preproc_T1w)")
-    models_dir = Str(desc="folder with mlens.json (default: the installed models)")
+    models_dir = Str(desc="folder with mlens/model_card.json (default: the installed models)")
     device = Str("cpu", usedefault=True, desc="torch device")
     num_threads = traits.Int(1, usedefault=True, desc="torch CPU threads")
     relevance = traits.Bool(True, usedefault=True, desc="compute the LRP relevance map")
@@ -232,13 +237,89 @@ class MLensPredict(SimpleInterface):
         return runtime
 
 
+class _VGGCBVPredictInputSpec(BaseInterfaceInputSpec):
+    std_t1w = File(exists=True, mandatory=True,
+                   desc="brain-masked T1w on the 2 mm template grid "
+                        "(space-MNI152NLin2009aSym_res-2_desc-preproc_T1w)")
+    sex = Str(desc="sex from participants.tsv (F/M ...): selects the stack with sex (TS, TAS)")
+    cbv_model = File(exists=True, desc="CBV synthesis checkpoint (cbv_synth.pt): runs the CBV "
+                                       "branch on the CBV map it synthesises from std_t1w")
+    models_dir = Str(desc="models folder with the vgg-cbv card (default: the installed models)")
+    device = Str("cpu", usedefault=True, desc="torch device")
+    num_threads = traits.Int(1, usedefault=True, desc="torch CPU threads")
+    relevance = traits.Bool(True, usedefault=True, desc="compute the Grad-CAM map")
+
+
+class _VGGCBVPredictOutputSpec(TraitedSpec):
+    brain_age = traits.Float(desc="stacked fold-ensemble brain age (years)")
+    brain_age_lower = traits.Float(desc="lower end of the 95% fold interval")
+    brain_age_upper = traits.Float(desc="upper end of the 95% fold interval")
+    stack = Str(desc="stack applied: T, TS, TA, TAS (none: a card without coefficients)")
+    branches = Str(desc="branches that ran: T1w or T1w+CBV")
+    relevance_map_std = File(desc="top-20% Grad-CAM map on the 2 mm MNI152NLin2009aSym grid")
+    prediction = File(exists=True, desc="JSON for the derivatives sink: row, details, maps and "
+                                        "provenance")
+
+
+class VGGCBVPredict(SimpleInterface):
+    """Brain age with the vgg-cbv VGG8 fold ensemble and stack (seed 003), and its Grad-CAM map.
+
+    Examples
+    --------
+    >>> node = VGGCBVPredict(sex="F")
+    >>> node.inputs.relevance
+    True
+    """
+
+    input_spec = _VGGCBVPredictInputSpec
+    output_spec = _VGGCBVPredictOutputSpec
+
+    def _run_interface(self, runtime):
+        from ..inference.vgg_cbv import (GRADCAM_TOP_FRACTION, MODEL_ID, VGGCBVPredictor,
+                                         cbv_source_label, synthesise_cbv_image)
+        from ..templates import TEMPLATE_SPACE
+
+        inputs = self.inputs
+        predictor = _load_predictor(VGGCBVPredictor, inputs)
+        cbv_model = inputs.cbv_model if isdefined(inputs.cbv_model) else None
+        cbv = (synthesise_cbv_image(inputs.std_t1w, cbv_model, device=inputs.device)
+               if cbv_model else None)
+        prepared = predictor.prepare(inputs.std_t1w, cbv)
+        result = predictor.predict_prepared(
+            prepared, sex=inputs.sex if isdefined(inputs.sex) else None,
+            cbv_source=cbv_source_label(cbv_model) if cbv_model else None)
+        provenance = result.provenance()
+        self._results.update(brain_age=result.brain_age, brain_age_lower=result.lower,
+                             brain_age_upper=result.upper, stack=result.stack,
+                             branches=provenance["Branches"])
+        maps = []
+        if inputs.relevance:
+            std = os.path.join(runtime.cwd, "gradcam_std.nii.gz")
+            predictor.gradcam_image(prepared["t1w"], inputs.std_t1w).to_filename(std)
+            self._results["relevance_map_std"] = std
+            meta = {"Description": "Grad-CAM (MONAI) of the last convolution block of the T1w "
+                                   "encoder, mean over the fold networks, resampled from the "
+                                   "network input grid to the template grid; only the top "
+                                   f"{GRADCAM_TOP_FRACTION:.0%} of its values inside the brain "
+                                   "are kept, the rest set to 0 (Jomsky et al., Fig. 4)",
+                    "Method": "Grad-CAM", "Layer": predictor.networks["t1w"][0].gradcam_layer,
+                    "Branch": "T1w", "TopFraction": GRADCAM_TOP_FRACTION,
+                    "Units": "arbitrary (ReLU of gradient-weighted activations)"}
+            maps.append({"file": std, "suffix": "relevancemap", "space": TEMPLATE_SPACE,
+                         "res": "2", "meta": meta})
+        details = {**result.details(), "variant": predictor.card.get("variant")}
+        self._results["prediction"] = _write_prediction(runtime.cwd, MODEL_ID, result, details,
+                                                        maps, provenance)
+        return runtime
+
+
 class _LocalUNetPredictInputSpec(BaseInterfaceInputSpec):
     std_mod_tpms_res2 = InputMultiObject(File(exists=True), desc="modulated GM, WM on the 2 mm "
                                          "template grid (read by models working at >= 2 mm)")
     std_mod_tpms_res1p5 = InputMultiObject(File(exists=True), desc="modulated GM, WM on the "
                                            "1.5 mm template grid (read by models at 1.5 mm)")
     age = traits.Float(desc="chronological age (years) for the brain-PAD map and ROI brain-PAD")
-    models_dir = Str(desc="folder with local-unet.json (default: the installed models)")
+    models_dir = Str(desc="folder with local-unet/model_card.json (default: the installed models)")
     device = Str("cpu", usedefault=True, desc="torch device")
     num_threads = traits.Int(1, usedefault=True, desc="torch CPU threads")
     mc_samples = traits.Int(desc="Monte-Carlo dropout samples per fold (default: the card's)")

@@ -3,8 +3,8 @@
 Figures are written to ``output_dir/figures/group_*.svg`` (PNG when large) with the
 helpers of :mod:`bidsapp.reports.figures` and linked from one self-describing page:
 predicted vs chronological age before and after the bias correction, brain-PAD per
-group, effect-size and FWE maps (slices and glass brains), ROI tables, the ICC
-histogram, the statistics tables and the methods text.
+group, effect-size and FWE maps (slices and glass brains), the mean Grad-CAM map per age
+group (vgg-cbv), ROI tables, the ICC histogram, the statistics tables and the methods text.
 """
 
 from __future__ import annotations
@@ -157,6 +157,47 @@ def _icc_figure(output_dir, entry):
                                       "(dashed: 0.9)")
 
 
+def _gradcam_figure(output_dir, entry):
+    """Mean Grad-CAM map per age group over the group's mean T1w (seed 003, Fig. 4).
+
+    One row per age group; per view (sagittal, coronal, axial) the slice with the largest area
+    of non-zero map values, as the paper chose its slices.  One colour scale for all groups.
+    """
+    from ..explain.gradcam import max_area_slices
+
+    groups = entry["groups"]
+    values = np.concatenate([g["map"][g["map"] > 0] for g in groups]) if groups else np.array([])
+    vmax = float(np.percentile(values, 99)) if values.size else 1.0
+    fig = _figure(7.5, 2.3 * len(groups) + 0.6)
+    views = (("sagittal", 0), ("coronal", 1), ("axial", 2))
+    image = None
+    for row, group in enumerate(groups):
+        cam = group["map"]
+        t1w = group["t1w"] if group["t1w"] is not None else np.zeros_like(cam)
+        cuts = max_area_slices(cam)
+        for col, (view, axis) in enumerate(views):
+            ax = fig.add_subplot(len(groups), 3, 3 * row + col + 1)
+            index = [slice(None)] * 3
+            index[axis] = cuts[axis]
+            background, overlay = t1w[tuple(index)].T, cam[tuple(index)].T
+            ax.imshow(background, cmap="gray", origin="lower", vmin=0,
+                      vmax=float(np.percentile(t1w[t1w > 0], 99.5)) if np.any(t1w > 0) else 1.0)
+            image = ax.imshow(np.ma.masked_less_equal(overlay, 0), cmap="hot", origin="lower",
+                              vmin=0, vmax=vmax, alpha=0.85)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if col == 0:
+                ax.set_ylabel(f"{group['label']} y (n={group['n']})")
+            if row == 0:
+                ax.set_title(view)
+    if image is not None:
+        fig.colorbar(image, ax=fig.axes, shrink=0.6, label="Grad-CAM (top 20 %)")
+    path = _save(fig, output_dir, f"desc-{_safe(entry['model'])}_gradcamagegroups")
+    return _img_tag(output_dir, path, f"{entry['model']}: mean top-20 % Grad-CAM map per 10-year "
+                                      "age group over the group's mean T1w; per view the slice with "
+                                      "the largest area of non-zero values (Jomsky et al., Fig. 4)")
+
+
 def _table(frame, columns=None):
     columns = columns or list(frame.columns)
     head = "".join(f"<th>{_e(c)}</th>" for c in columns)
@@ -229,7 +270,7 @@ def write_group_report(output_dir, data):
     data : dict
         What :func:`bidsapp.group.run_group_level` collected: ``options``, ``summary``,
         ``stats`` (the group_stats table), and optionally ``brainage``, ``voxel_maps``,
-        ``relevance_maps``, ``roi_tables`` and ``icc``.
+        ``relevance_maps``, ``gradcam_age_groups``, ``roi_tables`` and ``icc``.
 
     Returns
     -------
@@ -269,6 +310,21 @@ def write_group_report(output_dir, data):
             if all_figures or entry["n_significant"]:
                 parts.extend(_map_figures(output_dir, entry, alpha))
         sections.append(f"<h2>{title}</h2>" + "".join(parts))
+    gradcam = data.get("gradcam_age_groups", [])
+    if gradcam:
+        parts = ["<p>The participant level keeps the top 20 % of each participant's Grad-CAM map "
+                 "of the vgg-cbv T1w encoder (last convolution block); here they are averaged per "
+                 "10-year age group, one scan per participant, without a permutation test (as in "
+                 "Jomsky et al.). The mean maps are written as NIfTI files:</p>"]
+        for entry in gradcam:
+            rows = pd.DataFrame([{"age group (years)": g["label"], "n": g["n"],
+                                  "mean map": Path(g["file"]).name} for g in entry["groups"]])
+            parts.append(_table(rows))
+            try:
+                parts.append(_gradcam_figure(output_dir, entry))
+            except Exception as exc:  # a figure must never stop the report
+                LOGGER.warning("Grad-CAM age-group figure failed: %s", exc)
+        sections.append("<h2>Grad-CAM by age group (Jomsky et al.)</h2>" + "".join(parts))
     rois = data.get("roi_tables", [])
     if rois:
         parts = []

@@ -60,6 +60,8 @@ _LABEL_RE = re.compile(r"^[A-Za-z0-9]+$")
 _RES = "2"  # resolution entity of the template-space derivatives
 _MAP_SUFFIXES = {"relevancemap": "relevance", "brainagemap": "voxel-wise brain age (years)",
                  "brainpadmap": "voxel-wise brain-PAD (years)"}
+#: desc labels of models whose relevance map is a top-20 % Grad-CAM map (seed 003 vgg-cbv)
+_GRADCAM_MODELS = ("vggcbv",)
 
 
 # --------------------------------------------------------------------------- inputs
@@ -469,6 +471,8 @@ def _explanation_figure(output_dir: Path, source: SourceEntities, path: Path,
     suffix = name.rsplit("_", 1)[1]
     desc = re.search(r"_desc-([A-Za-z0-9]+)_", name)
     model = desc.group(1) if desc else "model"
+    if suffix == "relevancemap" and model in _GRADCAM_MODELS:
+        return _gradcam_figure(output_dir, source, path, mni, model)
     label = _MAP_SUFFIXES.get(suffix, suffix)
     # relevance (LRP, guided backprop): symmetric range clipped at the 99th percentile of
     # |relevance| (seed 002), so white is zero and the few hottest voxels do not wash out the rest
@@ -495,6 +499,42 @@ def _explanation_figure(output_dir: Path, source: SourceEntities, path: Path,
                   "older-appearing than the chronological age, blue: younger (not corrected for "
                   "regression to the mean)." if suffix == "brainpadmap" else ""))
     return _render(f"Explanation map: {model} ({suffix})", caption, render)
+
+
+def _gradcam_figure(output_dir: Path, source: SourceEntities, path: Path,
+                    mni: nib.Nifti1Image | None, model: str) -> _Figure:
+    """Slices of a top-20 % Grad-CAM map (seed 003) over the T1w in template space.
+
+    Per view, the middle cut is the slice with the largest area of kept voxels (the paper's
+    choice, :func:`bidsapp.explain.gradcam.max_area_slices`), flanked by cuts 10 and 20 mm away.
+    """
+    name = path.name.split(".")[0]
+
+    def render() -> tuple[Path, None]:
+        from ..explain.gradcam import max_area_slices
+
+        t1w, brain, _ = _template()
+        cam = _fig.load_3d(path)
+        centre = nib.affines.apply_affine(cam.affine, max_area_slices(np.asanyarray(cam.dataobj)))
+        box = _fig.cuts_from_mask(brain, 2, margin=0.0)  # the brain's extent per axis
+        cuts = {axis: [round(float(np.clip(centre[i] + step, *box[axis])), 1)
+                       for step in (-20, -10, 0, 10, 20)]
+                for i, axis in enumerate(("x", "y", "z"))}
+        background = mni if mni is not None else t1w
+        vmin, vmax = _t1w_range(background, None) if mni is not None else (None, None)
+        fig = _fig.plot_mosaic(background, cuts=cuts, vmin=vmin, vmax=vmax, crop_mask=brain,
+                               crop_margin_mm=6,
+                               overlay=_fig.Overlay(path, cmap="hot", vmin=0.0, percentile=99.0,
+                                                    label="Grad-CAM (top 20 %)"))
+        target = output_dir / f"sub-{source.subject}" / "figures" / f"{name}.svg"
+        return _fig.save_figure(fig, target), None
+
+    caption = (f"Grad-CAM map of model '{model}' ({path.name}): the last convolution block of the "
+               "T1w encoder, mean over the fold networks, with only the top 20 % of its values "
+               "inside the brain kept (Jomsky et al.), over the T1w in template space. Brighter "
+               "is larger; other voxels are transparent. Middle column: per view, the slice with "
+               "the largest area of kept voxels; the others lie 10 and 20 mm to either side.")
+    return _render(f"Explanation map: {model} (Grad-CAM)", caption, render)
 
 
 # --------------------------------------------------------------------------- HTML
@@ -580,7 +620,25 @@ def _html_brainage(path: Path | None) -> str:
                     f"<td class=\"num\">{_fmt(cell(record, 'brain_pad'))}</td></tr>")
     return (f"{head}<table><tr><th>Model</th><th>Brain age (years)</th><th>95% interval</th>"
             "<th>Age (years)</th><th>Brain-PAD (years)</th></tr>" + "".join(rows) + "</table>"
-            "<p>Brain-PAD = brain age &minus; age, not corrected for regression to the mean.</p>")
+            "<p>Brain-PAD = brain age &minus; age, not corrected for regression to the mean.</p>"
+            + _html_provenance(path.with_suffix(".json")))
+
+
+def _html_provenance(sidecar: Path) -> str:
+    """What produced each row, from the table's sidecar (``ModelProvenance``: vgg-cbv's branches
+    and stack); empty when the sidecar has none or cannot be read."""
+    try:
+        provenance = json.loads(sidecar.read_text(encoding="utf-8")).get("ModelProvenance", {})
+    except (OSError, ValueError, AttributeError):
+        return ""
+    items = []
+    for model, entry in provenance.items() if isinstance(provenance, dict) else ():
+        if not isinstance(entry, dict):
+            continue
+        text = f"{model}: branches {entry.get('Branches', '?')}, stack {entry.get('Stack', '?')}"
+        notes = [str(n) for n in entry.get("Notes") or []]
+        items.append(f"<li>{_e(text)}{_e('; ' + '; '.join(notes)) if notes else ''}</li>")
+    return f"<ul class=\"provenance\">{''.join(items)}</ul>" if items else ""
 
 
 def _html_figure(output_dir: Path, figure: _Figure) -> str:

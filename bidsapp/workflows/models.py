@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 from nipype.interfaces import utility as niu
@@ -31,6 +32,14 @@ def _mlens_node(device: str, omp_nthreads: int) -> tuple[pe.Node, dict[str, str]
     return node, {"std_t1w": "std_t1w"}
 
 
+def _vgg_cbv_node(device: str, omp_nthreads: int) -> tuple[pe.Node, dict[str, str]]:
+    from ..interfaces.models import VGGCBVPredict
+
+    node = pe.Node(VGGCBVPredict(device=device, num_threads=omp_nthreads),
+                   name="vgg_cbv", n_procs=omp_nthreads, mem_gb=2.0)
+    return node, {"std_t1w": "std_t1w"}
+
+
 def _local_unet_node(device: str, omp_nthreads: int) -> tuple[pe.Node, dict[str, str]]:
     from ..interfaces.models import LocalUNetPredict
 
@@ -42,11 +51,12 @@ def _local_unet_node(device: str, omp_nthreads: int) -> tuple[pe.Node, dict[str,
 
 #: Node factory of each model id: returns the node and how inputnode fields map onto it.
 _FACTORIES = {"densenet-clinical": _densenet_clinical_node, "mlens": _mlens_node,
-              "local-unet": _local_unet_node}
+              "vgg-cbv": _vgg_cbv_node, "local-unet": _local_unet_node}
 
 
 def init_models_wf(*, models: Sequence[str], device: str = "cpu", omp_nthreads: int = 1,
-                   age: float | None = None, name: str = "models_wf") -> pe.Workflow:
+                   age: float | None = None, sex: str | None = None,
+                   cbv_model: str | Path | None = None, name: str = "models_wf") -> pe.Workflow:
     """Run the selected brain-age models on one T1w.
 
     Parameters
@@ -59,6 +69,10 @@ def init_models_wf(*, models: Sequence[str], device: str = "cpu", omp_nthreads: 
         Threads per model node.
     age : float, optional
         Chronological age of the scan, for models that write brain-PAD maps (``local-unet``).
+    sex : str, optional
+        Sex from the phenotype tables, for models whose stack uses it (``vgg-cbv``).
+    cbv_model : path, optional
+        CBV synthesis checkpoint for the CBV branch of ``vgg-cbv``.
 
     Returns
     -------
@@ -80,8 +94,13 @@ def init_models_wf(*, models: Sequence[str], device: str = "cpu", omp_nthreads: 
         node, fields = _FACTORIES[model](device, omp_nthreads)
         # the prediction JSON names the node's map files: nipype must not prune them
         node.config = {"execution": {"remove_unnecessary_outputs": False}}
-        if age is not None and "age" in node.inputs.copyable_trait_names():
+        traits = node.inputs.copyable_trait_names()
+        if age is not None and "age" in traits:
             node.inputs.age = float(age)
+        if sex is not None and "sex" in traits:
+            node.inputs.sex = str(sex)
+        if cbv_model is not None and "cbv_model" in traits:
+            node.inputs.cbv_model = str(cbv_model)
         workflow.connect([(inputnode, node, list(fields.items())),
                           (node, merge, [("prediction", f"in{index}")])])
     workflow.connect(merge, "out", outputnode, "predictions")

@@ -40,7 +40,8 @@ def scans(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    """A card with three differently initialised fold networks (one stored as float16)."""
+    """A models folder: ``densenet-clinical/model_card.json`` with three differently initialised
+    fold networks next to it (one stored as float16)."""
     folder = tmp_path_factory.mktemp("models")
     (folder / "densenet-clinical").mkdir()
     weights = []
@@ -54,23 +55,23 @@ def models(tmp_path_factory):
                      for n, v in state.items()}
         path = folder / "densenet-clinical" / f"fold{k}.pt"
         torch.save(state, path)
-        weights.append({"fold": k, "file": f"densenet-clinical/fold{k}.pt",
-                        "sha256": sha256_file(path)})
+        weights.append({"fold": k, "file": f"fold{k}.pt", "sha256": sha256_file(path)})
     card = {"id": "densenet-clinical", "family": "densenet-clinical",
             "architecture": {"params": ARCH}, "input": {"params": SPEC.to_dict()},
             "weights": weights}
-    (folder / "densenet-clinical.json").write_text(json.dumps(card))
+    (folder / "densenet-clinical" / "model_card.json").write_text(json.dumps(card))
     return folder
 
 
 def _manual_predictions(models, t1w, mask):
-    card = json.loads((models / "densenet-clinical.json").read_text())
+    card = json.loads((models / "densenet-clinical" / "model_card.json").read_text())
     views = prepare_views(load_skull_stripped(t1w, mask), SPEC)
     x = torch.from_numpy(np.stack([v.data for v in views]))[:, None]
     out = []
     for entry in card["weights"]:
         state = {k: (v.float() if v.dtype == torch.float16 else v)
-                 for k, v in torch.load(models / entry["file"], weights_only=True).items()}
+                 for k, v in torch.load(models / "densenet-clinical" / entry["file"],
+                                        weights_only=True).items()}
         net = DenseNetRegressor(**{**ARCH, "block_config": (2, 2)})
         net.load_state_dict(state)
         with torch.no_grad():
@@ -116,9 +117,30 @@ def test_registry_finds_the_card(models, monkeypatch):
     assert len(DenseNetClinicalPredictor.from_models_dir().networks) == 3
 
 
+def test_earlier_layout_predicts_the_same(models, scans, tmp_path, caplog):
+    """A card of earlier versions (``<id>.json`` beside ``<id>/``, paths relative to the models
+    folder) still loads, with a deprecation warning logged once, and predicts the same."""
+    import logging
+    import shutil
+
+    legacy = tmp_path / "old-models"
+    shutil.copytree(models / "densenet-clinical", legacy / "densenet-clinical")
+    card = json.loads((legacy / "densenet-clinical" / "model_card.json").read_text())
+    (legacy / "densenet-clinical" / "model_card.json").unlink()
+    card["weights"] = [{**w, "file": f"densenet-clinical/{w['file']}"} for w in card["weights"]]
+    (legacy / "densenet-clinical.json").write_text(json.dumps(card))
+    with caplog.at_level(logging.WARNING, logger="brainage.inference"):
+        old = predict_densenet_clinical(*scans, models_dir=legacy)
+        DenseNetClinicalPredictor.from_models_dir(legacy)
+    new = predict_densenet_clinical(*scans, models_dir=models)
+    assert old.fold_predictions == pytest.approx(new.fold_predictions, rel=1e-6)
+    warnings = [r for r in caplog.records if "deprecated" in r.getMessage()]
+    assert len(warnings) == 1 and "model_card.json" in warnings[0].getMessage()
+
+
 def test_tampered_or_unsafe_weights_are_refused(models, tmp_path):
-    entry = json.loads((models / "densenet-clinical.json").read_text())["weights"][0]
-    path = models / entry["file"]
+    entry = json.loads((models / "densenet-clinical" / "model_card.json").read_text())["weights"][0]
+    path = models / "densenet-clinical" / entry["file"]
     bad = tmp_path / "fold0.pt"
     raw = bytearray(path.read_bytes())
     raw[len(raw) // 2] ^= 0xFF  # one flipped byte
@@ -281,10 +303,10 @@ def test_models_workflow_writes_the_brainage_table(models, scans, tmp_path):
 
 
 def test_shipped_card_is_consistent():
-    card_path = REPO / "models" / "densenet-clinical.json"
+    card_path = REPO / "models" / "densenet-clinical" / "model_card.json"
     if not card_path.is_file():
         pytest.skip("no densenet-clinical model shipped in this checkout")
-    predictor = DenseNetClinicalPredictor.from_models_dir(card_path.parent)
+    predictor = DenseNetClinicalPredictor.from_models_dir(REPO / "models")
     card = predictor.card
     assert len(predictor.networks) == len(card["weights"]) == card["split"]["folds"]
     for entry in card["weights"]:

@@ -62,7 +62,7 @@ def test_prediction_is_the_mean_of_the_tiled_fold_maps(trained):
     manual = []
     for entry in card["weights"]:  # each fold network, rebuilt from the card, tiled by hand
         net, _ = network_from_card(card)
-        net.load_state_dict(load_checked(models / entry["file"], entry["sha256"]))
+        net.load_state_dict(load_checked(models / "local-unet" / entry["file"], entry["sha256"]))
         manual.append(tiled_age_map(net.eval(), prepared.data, prepared.mask, 30, 10))
     manual = np.stack(manual)
     mask = prepared.mask
@@ -88,27 +88,27 @@ def test_monte_carlo_dropout_samples(trained):
     assert np.all(first.sd_map[prepared.mask] > 0)
     for net in predictor.networks:
         assert not net.training and all(not m.training for m in net.modules())
-    card = json.loads((models / "local-unet.json").read_text())
+    card = json.loads((models / "local-unet" / "model_card.json").read_text())
     card["architecture"]["net_kwargs"]["dropout"] = 0.0
     with pytest.raises(ModelError, match="no dropout"):
-        LocalUNetPredictor(card, models, mc_samples=2)
+        LocalUNetPredictor(card, models / "local-unet", mc_samples=2)
 
 
 def test_tampered_weights_are_refused(trained, tmp_path):
     models, _, _ = trained
-    card = json.loads((models / "local-unet.json").read_text())
+    folder = models / "local-unet"
+    card = json.loads((folder / "model_card.json").read_text())
     target = tmp_path / card["weights"][0]["file"]
-    target.parent.mkdir(parents=True)
-    data = bytearray((models / card["weights"][0]["file"]).read_bytes())
+    data = bytearray((folder / card["weights"][0]["file"]).read_bytes())
     data[-10] ^= 0xFF
     target.write_bytes(bytes(data))
     (tmp_path / card["weights"][1]["file"]).write_bytes(
-        (models / card["weights"][1]["file"]).read_bytes())
+        (folder / card["weights"][1]["file"]).read_bytes())
     with pytest.raises(ModelError, match="sha256"):
         LocalUNetPredictor(card, tmp_path)
     card["family"] = "mlens"
     with pytest.raises(ModelError, match="not a local-unet"):
-        LocalUNetPredictor(card, models)
+        LocalUNetPredictor(card, folder)
 
 
 def test_maps_on_the_two_mm_grid_and_roi_table(trained):

@@ -28,7 +28,8 @@ NET = {"filters": [4, 4, 8, 8, 4], "dense_units": 6}
 
 
 def write_card(folder: Path, regions=("whole",), folds=(0, 1), n_base=3, method="ensemble") -> dict:
-    """An mlens card with random base models and known heads (as brainage-train writes it)."""
+    """An mlens card with random base models and known heads (as brainage-train writes it):
+    ``<folder>/mlens/model_card.json`` next to ``<sub-ensemble>_base{bb}_fold{k}.pt``."""
     subs, weights, heads = [], [], []
     for region in regions:
         spec = MNIPrunedSpec(resolution_mm=RES, region=region)
@@ -45,11 +46,11 @@ def write_card(folder: Path, regions=("whole",), folds=(0, 1), n_base=3, method=
                 torch.manual_seed(100 * k + 10 * j + b)
                 kwargs = dict(sub["net_kwargs"], act=MLENS_RELU)
                 net = MLensCNN(**kwargs, output_bias=45.0 + b)
-                path = folder / "mlens" / sub["name"] / f"base{b:02d}_fold{k}.pt"
+                path = folder / "mlens" / f"{sub['name']}_base{b:02d}_fold{k}.pt"
                 path.parent.mkdir(parents=True, exist_ok=True)
                 torch.save(net.state_dict(), path)
                 weights.append({"fold": k, "subensemble": sub["name"], "member": b,
-                                "file": f"mlens/{sub['name']}/{path.name}", "sha256": sha256_file(path)})
+                                "file": path.name, "sha256": sha256_file(path)})
             fold_heads.append({"coef": list(np.linspace(0.2, 0.5, n_base) * (1 + 0.1 * k)),
                                "intercept": 3.0 + j, "n_val": 5})
         heads.append(fold_heads)
@@ -59,7 +60,7 @@ def write_card(folder: Path, regions=("whole",), folds=(0, 1), n_base=3, method=
                          "head_alpha": 1.0,
                          "top": {"coef": list(np.linspace(0.6, 0.3, len(subs))), "intercept": -2.0},
                          "interval": {"method": method, "level": 0.95, "calibrated_halfwidth": 7.5}}}
-    (folder / "mlens.json").write_text(json.dumps(card))
+    (folder / "mlens" / "model_card.json").write_text(json.dumps(card))
     return card
 
 
@@ -99,7 +100,7 @@ def _manual(card, folder, scan):
 def test_prediction_matches_the_card_by_hand(tmp_path, scan, regions):
     card = write_card(tmp_path, regions=regions)
     result = MLensPredictor.from_models_dir(tmp_path).predict(scan)
-    age, per_fold, bases = _manual(card, tmp_path, scan)
+    age, per_fold, bases = _manual(card, tmp_path / "mlens", scan)
     assert result.brain_age == pytest.approx(age, abs=1e-4)
     assert list(result.subensembles.values()) == pytest.approx(list(per_fold.mean(0)), abs=1e-4)
     if len(regions) == 1:   # one sub-ensemble: the spread of its base models, per fold
@@ -120,20 +121,20 @@ def test_calibrated_interval_method(tmp_path, scan):
 
 def test_tampered_or_inconsistent_cards_are_refused(tmp_path, scan):
     card = write_card(tmp_path)
-    weights = tmp_path / card["weights"][0]["file"]
+    weights = tmp_path / "mlens" / card["weights"][0]["file"]
     weights.write_bytes(weights.read_bytes()[:-10])
     with pytest.raises(ModelError, match="sha256"):
         MLensPredictor.from_models_dir(tmp_path)
     card = write_card(tmp_path)
     with pytest.raises(ModelError, match="not an mlens model"):
-        MLensPredictor({**card, "family": "densenet-clinical"}, tmp_path)
+        MLensPredictor({**card, "family": "densenet-clinical"}, tmp_path / "mlens")
     moved = json.loads(json.dumps(card))
     moved["ensemble"]["subensembles"][0]["input"]["box"][0][0] += 1
     with pytest.raises(ModelError, match="pruning box"):
-        MLensPredictor(moved, tmp_path)
+        MLensPredictor(moved, tmp_path / "mlens")
     partial = {**card, "weights": [w for w in card["weights"] if w["fold"] == 0]}
     with pytest.raises(ModelError, match="no weights"):
-        MLensPredictor(partial, tmp_path)
+        MLensPredictor(partial, tmp_path / "mlens")
     with pytest.raises(ModelError, match="no mlens model card"):
         MLensPredictor.from_models_dir(tmp_path / "nowhere")
 

@@ -95,7 +95,8 @@ def skip_unless_permissions_enforced(folder: Path) -> None:
 
 def write_densenet_card(folder: Path, *, age_range=(20.0, 80.0), folds: int = 2) -> Path:
     """A tiny densenet-clinical model (4 mm input) with its card, as a site would install one
-    under ``BRAINAGE_MODELS_DIR``; returns the first weights file."""
+    under ``BRAINAGE_MODELS_DIR`` (``densenet-clinical/model_card.json`` next to its weights);
+    returns the first weights file."""
     import torch
 
     from bidsapp.inference.weights import sha256_file
@@ -112,11 +113,11 @@ def write_densenet_card(folder: Path, *, age_range=(20.0, 80.0), folds: int = 2)
         net.set_target_scaling(50.0 + fold, 15.0)
         path = folder / "densenet-clinical" / f"fold{fold}.pt"
         torch.save(net.state_dict(), path)
-        weights.append({"fold": fold, "file": f"densenet-clinical/{path.name}", "sha256": sha256_file(path)})
+        weights.append({"fold": fold, "file": path.name, "sha256": sha256_file(path)})
     card = {"id": "densenet-clinical", "family": "densenet-clinical", "variant": "reliability-test",
             "architecture": {"params": arch},
             "input": {"params": ClinicalInputSpec(spacing_mm=4.0, shape=(14, 16, 10)).to_dict()},
             "weights": weights,
             "training_data": {"age_min": age_range[0], "age_max": age_range[1]}}
-    (folder / "densenet-clinical.json").write_text(json.dumps(card))
-    return folder / weights[0]["file"]
+    (folder / "densenet-clinical" / "model_card.json").write_text(json.dumps(card))
+    return folder / "densenet-clinical" / weights[0]["file"]

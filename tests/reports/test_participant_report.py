@@ -117,6 +117,32 @@ def test_brainage_rows_only_where_a_table_exists(report):
     assert "Brain age" not in sections["sub-01_ses-A_run-2"]
 
 
+def test_gradcam_map_of_vgg_cbv_gets_its_own_figure(tmp_path):
+    import nibabel as nib
+    import numpy as np
+
+    from bidsapp.explain.gradcam import top_fraction_map
+
+    write_unit(tmp_path, RUN1, qc=QC1, parts=("mni",))
+    path = write_map(tmp_path, RUN1, "vggcbv", "relevancemap")
+    img = nib.load(path)  # a Grad-CAM map is non-negative and keeps its top 20 % (seed 003)
+    data = np.clip(img.get_fdata(), 0, None)
+    nib.save(nib.Nifti1Image(top_fraction_map(data, 0.2, mask=data > 0), img.affine), path)
+    write_brainage_table(derivative_path(tmp_path, RUN1, suffix="brainage", extension=".tsv"), [
+        {"model": "vgg-cbv", "brain_age": 50.0, "brain_age_lower": 45.0, "brain_age_upper": 55.0,
+         "age": 48.0}], provenance={"vgg-cbv": {"Branches": "T1w", "Stack": "T",
+                                                "Notes": ["sex missing (participants.tsv)"]}})
+    text = generate_participant_report(tmp_path, "01", run_uuid="r").read_text(encoding="utf-8")
+    section = _sections(text)["sub-01_ses-A_run-1"]
+    assert "<li>vgg-cbv: branches T1w, stack T; sex missing (participants.tsv)</li>" in section
+    assert "<h3>Explanation map: vggcbv (Grad-CAM)</h3>" in section
+    assert "top 20 % of its values" in section and "largest area of kept voxels" in section
+    figure = tmp_path / "sub-01" / "figures" / (path.name.split(".")[0] + ".svg")
+    if not figure.is_file():
+        figure = figure.with_suffix(".png")
+    assert figure.is_file() and figure.relative_to(tmp_path).as_posix() in section
+
+
 def test_failed_units_say_what_is_missing(report):
     _, _, text = report
     sections = _sections(text)

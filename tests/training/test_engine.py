@@ -40,12 +40,18 @@ def trained(tmp_path_factory, synth_dataset):
 
 
 def test_cli_exports_card_weights_and_predictions(trained, synth_dataset):
-    card = json.loads((trained / "models" / "densenet-clinical.json").read_text())
+    folder = trained / "models" / "densenet-clinical"
+    # one self-contained model folder: the card next to every weight file, nothing beside it
+    assert sorted(p.name for p in (trained / "models").iterdir()) == ["densenet-clinical"]
+    card = json.loads((folder / "model_card.json").read_text())
     assert card["id"] == "densenet-clinical" and card["variant"] == "tiny-test"
     assert card["training_data"]["n_scans"] == 18 and card["training_data"]["age_min"] == 20.0
     assert len(card["weights"]) == 3
+    assert sorted(w["file"] for w in card["weights"]) == sorted(p.name for p in folder.glob("*.pt"))
+    assert (folder / card["split"]["file"]).is_file()
+    assert (folder / card["metrics"]["cross_validation"]["predictions"]).is_file()
     for entry in card["weights"]:
-        path = trained / "models" / entry["file"]
+        path = folder / entry["file"]
         assert sha256_file(path) == entry["sha256"]
         state = torch.load(path, weights_only=True)
         dtypes = {v.dtype for k, v in state.items() if k.endswith("weight")}
@@ -147,7 +153,7 @@ def test_ddp_two_cpu_processes_match_one_process(tiny_config):
 
 
 def test_fine_tuning_starts_from_the_shipped_weights(trained, tiny_config):
-    card = trained / "models" / "densenet-clinical.json"
+    card = trained / "models" / "densenet-clinical" / "model_card.json"
     cfg = load_config(tiny_config("ft", max_epochs=1), [f"init_from={card}", "optim.lr=1e-12",
                                                         "export.ridge_baseline=false"])
     run_training(cfg, folds=[1], export=False)
@@ -165,9 +171,27 @@ def test_tampered_init_weights_are_refused(trained, tiny_config, tmp_path):
     shutil.copytree(trained / "models", copy)
     weights = copy / "densenet-clinical" / "fold0.pt"
     weights.write_bytes(weights.read_bytes()[:-10] + b"0123456789")
-    cfg = load_config(tiny_config("bad", max_epochs=1), [f"init_from={copy / 'densenet-clinical.json'}"])
+    cfg = load_config(tiny_config("bad", max_epochs=1), [f"init_from={copy / 'densenet-clinical'}"])
     with pytest.raises(ModelError, match="fold0.pt"):
         run_training(cfg, folds=[0], export=False)
+
+
+def test_init_from_a_model_id_card_or_folder(trained, monkeypatch):
+    """``init_from`` by id (looked up in BRAINAGE_MODELS_DIR), by card path and by model folder
+    all give the card and the checked weights of the files next to the card."""
+    from training.run import resolve_init_from
+
+    folder = trained / "models" / "densenet-clinical"
+    monkeypatch.setenv("BRAINAGE_MODELS_DIR", str(trained / "models"))
+    for init_from in ("densenet-clinical", str(folder / "model_card.json"), str(folder)):
+        card, states = resolve_init_from(init_from)
+        assert card["id"] == "densenet-clinical" and len(states) == len(card["weights"]) == 3
+        for entry, state in zip(card["weights"], states):
+            stored = torch.load(folder / entry["file"], weights_only=True)
+            assert set(state) == set(stored)
+            for key, value in stored.items():
+                torch.testing.assert_close(state[key], value.float() if value.is_floating_point()
+                                           else value, msg=key)
 
 
 class _CheckPreciseBatchNorm(Trainer):

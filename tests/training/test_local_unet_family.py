@@ -127,7 +127,7 @@ def test_export_writes_card_with_voxel_level_metrics(synthetic, tmp_path):
     card = json.loads(Path(card_path).read_text())
     assert card["family"] == "local-unet" and len(card["weights"]) == 3
     for entry in card["weights"]:
-        assert sha256_file(tmp_path / "models" / entry["file"]) == entry["sha256"]
+        assert sha256_file(tmp_path / "models" / "local-unet" / entry["file"]) == entry["sha256"]
     arch = card["architecture"]
     assert arch["blocks"] == {"in_size": 30, "out_size": 10, "margin": 10, "tile_stride": 5,
                               "mc_samples": 2, "receptive_field_voxels": 21}

@@ -52,7 +52,7 @@ def trained(tmp_path_factory, data):
     cfg = root / "mlens.toml"
     cfg.write_text(_config(*data, root))
     assert main([str(cfg)]) == 0
-    card = json.loads((root / "models" / "mlens.json").read_text())
+    card = json.loads((root / "models" / "mlens" / "model_card.json").read_text())
     with open(root / "models" / "mlens" / "cv_predictions.tsv") as handle:
         rows = list(csv.DictReader(handle, delimiter="\t"))
     return root, card, rows
@@ -69,8 +69,16 @@ def test_card_lists_every_base_model_with_checked_weights(trained):
     assert len(card["weights"]) == 3 * 3 * 2
     assert {(w["fold"], w["subensemble"], w["member"]) for w in card["weights"]} == {
         (k, s, b) for k in range(3) for s in SUBS for b in range(2)}
+    # every base network lies next to the card, its sub-ensemble in its name
+    folder = root / "models" / "mlens"
+    assert sorted(w["file"] for w in card["weights"]) == sorted(p.name for p in folder.glob("*.pt"))
+    assert not [p for p in folder.iterdir() if p.is_dir()]
     for entry in card["weights"]:
-        assert sha256_file(root / "models" / entry["file"]) == entry["sha256"]
+        member, fold = entry["member"], entry["fold"]
+        assert entry["file"] == f"{entry['subensemble']}_base{member:02d}_fold{fold}.pt"
+        assert sha256_file(folder / entry["file"]) == entry["sha256"]
+    assert (folder / card["split"]["file"]).is_file()
+    assert (folder / card["metrics"]["cross_validation"]["predictions"]).is_file()
     for sub in card["ensemble"]["subensembles"]:
         box = pruning_box(MNIPrunedSpec(resolution_mm=8.0, region=sub["region"]))
         assert sub["input"]["box"] == [[s.start, s.stop] for s in box]
@@ -88,7 +96,7 @@ def test_heads_are_ridge_on_the_validation_predictions(trained, data):
     _, derivs = data
     splits = json.loads((root / "models" / "mlens" / "splits.json").read_text())
     ages = dict(zip((f"s{i:03d}" for i in range(15)), AGES))
-    predictor = MLensPredictor(card, root / "models")
+    predictor = MLensPredictor(card, root / "models" / "mlens")
     for k in range(3):
         val = splits["folds"][k]["val"]
         keys = [f"sub-{p}" for p in val]
@@ -110,7 +118,7 @@ def test_heads_are_ridge_on_the_validation_predictions(trained, data):
 
 def test_cv_rows_are_reproduced_by_inference_with_the_fold_ensemble(trained, data):
     root, card, rows = trained
-    predictor = MLensPredictor(card, root / "models")
+    predictor = MLensPredictor(card, root / "models" / "mlens")
     for row in rows[:4]:
         result = predictor.predict_prepared(predictor.prepare(_mni(data[1], row["participant"])),
                                             folds=[int(row["fold"])])

@@ -54,7 +54,7 @@ def test_card_weights_and_predictions(trained):
     assert card["input"]["params"] == {"resolution_mm": 8.0, "shape": [32, 32, 32], "top_fraction": 0.01}
     assert len(card["weights"]) == 2
     for entry in card["weights"]:
-        assert sha256_file(root / "models" / entry["file"]) == entry["sha256"]
+        assert sha256_file(root / "models" / "vgg-cbv" / entry["file"]) == entry["sha256"]
     assert sorted(r["participant"] for r in rows) == [f"s{i:03d}" for i in range(10)]
     pooled = card["metrics"]["cross_validation"]["pooled"]
     assert pooled["n"] == 10 and np.isfinite(pooled["mae"])
@@ -93,6 +93,10 @@ def test_card_stacking_matches_statsmodels_on_the_cv_predictions(trained):
             model = sm.OLS(fit["age"], sm.add_constant(fit[cols])).fit()
             errors += list(np.abs(model.predict(sm.add_constant(test[cols])) - test["age"]))
         assert stacking["stacks"][stack]["cv_mae"] == pytest.approx(np.mean(errors), rel=1e-6)
+        # the coefficients the app applies: fitted on every fold's held-out predictions
+        pooled = sm.OLS(frame["age"], sm.add_constant(frame[cols])).fit()
+        assert stacking["stacks"][stack]["columns"] == ["t1w", "sex"][:len(cols)]
+        np.testing.assert_allclose(stacking["stacks"][stack]["coef"], pooled.params, rtol=1e-9)
     (test,) = stacking["f_tests"]
     assert (test["restricted"], test["full"], test["df_num"]) == ("T", "TS", 1)
     assert 0 <= test["p"] <= 1
