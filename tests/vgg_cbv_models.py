@@ -38,18 +38,13 @@ def export_tiny_vgg_cbv(root: Path) -> tuple[Path, Path]:
     from training.config import load_config
     from training.run import run_training
     from training.synthetic import make_synthetic_dataset
-    from training_configs import engine_config_text
+    from training_configs import tiny_vgg_cbv_config_text
 
     torch.set_num_threads(1)
     bids, derivs = make_synthetic_dataset(root / "data", AGES, shape=(16, 16, 16), mni=True)
     cfg = root / "vgg.toml"
-    cfg.write_text(engine_config_text(
-        "vgg-cbv", bids, derivs, root / "work", root / "models", seed=2, folds=2, val_fraction=0.2,
-        model={"channels": [4, 4, 4, 4, 4], "dense_units": [8, 8]},
-        inputs={"resolution_mm": 8.0, "shape": [32, 32, 32]},
-        optim={"lr": 1e-3, "betas": [0.9, 0.999], "weight_decay": 0.0, "batch_size": 3,
-               "max_epochs": 2, "plateau_patience": 100},
-        export={"fp16": "never", "robustness_spacings_mm": [], "ridge_baseline": False}))
+    cfg.write_text(tiny_vgg_cbv_config_text(bids, derivs, root / "work", root / "models",
+                                           ridge_baseline=False))
     run_training(load_config(cfg))
     return root / "models", derivs
 

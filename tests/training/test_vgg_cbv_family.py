@@ -19,7 +19,7 @@ from training.distributed import DistContext
 from training.families import get_family
 from training.run import run_training
 from training.synthetic import make_synthetic_dataset
-from training_configs import engine_config_text
+from training_configs import tiny_vgg_cbv_config_text
 
 AGES = tuple(np.round(np.linspace(20, 85, 10), 2))
 CONFIGS = Path(__file__).resolve().parents[2] / "training" / "configs"
@@ -32,13 +32,7 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("vgg")
     bids, derivs = make_synthetic_dataset(root / "data", AGES, shape=(16, 16, 16), mni=True)
     cfg = root / "vgg.toml"
-    cfg.write_text(engine_config_text(
-        "vgg-cbv", bids, derivs, root / "work", root / "models", seed=2, folds=2, val_fraction=0.2,
-        model={"channels": [4, 4, 4, 4, 4], "dense_units": [8, 8]},
-        inputs={"resolution_mm": 8.0, "shape": [32, 32, 32]},
-        optim={"lr": 1e-3, "betas": [0.9, 0.999], "weight_decay": 0.0, "batch_size": 3,
-               "max_epochs": 2, "plateau_patience": 100},
-        export={"fp16": "never", "robustness_spacings_mm": []}))
+    cfg.write_text(tiny_vgg_cbv_config_text(bids, derivs, root / "work", root / "models"))
     result = run_training(load_config(cfg))
     card = json.loads(Path(result["card"]).read_text())
     with open(root / "models" / "vgg-cbv" / "cv_predictions.tsv") as handle:

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any, Mapping
 
-__all__ = ["engine_config_text", "tiny_config_text"]
+__all__ = ["engine_config_text", "tiny_config_text", "tiny_vgg_cbv_config_text"]
 
 
 def engine_config_text(family: str, bids: Path, derivs: Path, work: Path, models: Path, *,
@@ -75,3 +75,15 @@ def tiny_config_text(bids: Path, derivs: Path, work: Path, models: Path, *, norm
         optim={"lr": 0.003, "batch_size": batch_size, "max_epochs": max_epochs,
                "plateau_patience": 2},
         export={"robustness_spacings_mm": [6.0]}, extra=extra)
+
+
+def tiny_vgg_cbv_config_text(bids: Path, derivs: Path, work: Path, models: Path, *,
+                             ridge_baseline: bool = True) -> str:
+    """2 folds x 2 epochs of a tiny VGG8 (widths 4, dense 8-8) on 8 mm inputs (32^3 voxels)."""
+    return engine_config_text(
+        "vgg-cbv", bids, derivs, work, models, seed=2, folds=2, val_fraction=0.2,
+        model={"channels": [4, 4, 4, 4, 4], "dense_units": [8, 8]},
+        inputs={"resolution_mm": 8.0, "shape": [32, 32, 32]},
+        optim={"lr": 1e-3, "betas": [0.9, 0.999], "weight_decay": 0.0, "batch_size": 3,
+               "max_epochs": 2, "plateau_patience": 100},
+        export={"fp16": "never", "robustness_spacings_mm": [], "ridge_baseline": ridge_baseline})
