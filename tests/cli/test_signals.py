@@ -18,13 +18,23 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 
+def _interruptible() -> None:
+    """Child processes get SIGINT's default action, as in a terminal.
+
+    A shell starts background jobs (``cmd &``, nohup, many CI runners) with SIGINT ignored, the
+    children inherit that, and brainage (like Python itself) keeps an inherited SIG_IGN.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_during_a_serial_run_stops_it_with_130(tiny_bids, tmp_path, signum):
     work = tmp_path / "work"
     proc = subprocess.Popen([sys.executable, str(REPO / "bin" / "brainage"), str(tiny_bids), str(tmp_path / "out"),
                              "participant", "-w", str(work), "--nprocs", "1", "--omp-nthreads", "1",
                              "--models", "none", "--skip-bids-validation"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_interruptible)
     deadline = time.monotonic() + 300
     while not any(work.rglob("_report")) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)  # until the first nipype node runs
@@ -102,6 +112,7 @@ def test_a_signal_swallowed_by_a_library_still_exits_130(tiny_bids, tmp_path, na
     a SIGINT landing inside a lazy ``import pandas`` once turned a Ctrl-C into exit 1."""
     proc = subprocess.run([sys.executable, "-c", _SIGNAL_THEN_UNRELATED_FAILURE.format(name=name),
                            str(tiny_bids), str(tmp_path / "out")],
-                          capture_output=True, text=True, timeout=120, cwd=REPO)
+                          capture_output=True, text=True, timeout=120, cwd=REPO,
+                          preexec_fn=_interruptible)
     assert proc.returncode == 130, proc.stderr[-2000:]
     assert "interrupted" in proc.stderr
