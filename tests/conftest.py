@@ -78,3 +78,16 @@ def tiny_vgg_cbv(tmp_path_factory) -> tuple[Path, Path]:
 def _run_in_tmp(tmp_path, monkeypatch):
     """Run each test in its own folder so defaults such as ./work never land in the checkout."""
     monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a test module of small networks: they gain nothing from more, and on
+    a busy machine extra threads wait on each other (a DDIM loop took 27 s on two threads, 1 s on
+    one)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

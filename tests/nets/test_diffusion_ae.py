@@ -25,14 +25,8 @@ CASES = [  # (constructor kwargs, input shape)
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: these small networks gain nothing from more, and on a busy machine
-    extra threads wait on each other (a DDIM loop took 27 s on two threads, 1 s on one)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# small networks gain nothing from more threads (see the fixture's docstring)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _count(module: nn.Module) -> int:
