@@ -95,5 +95,6 @@ def test_built_wheel_has_a_card_next_to_every_weight_file(tmp_path):
             entries = {w["file"]: w["sha256"] for w in json.loads(archive.read(card_name))["weights"]}
             assert posixpath.basename(name) in entries, f"{card_name} does not name {name}"
             assert hashlib.sha256(archive.read(name)).hexdigest() == entries[posixpath.basename(name)]
+            assert name[:-len(".pt")] + ".json" in names, f"{name} has no weight card in the wheel"
     missing = [f for f in _shipped_files() if prefix + f not in names]
     assert missing == [], f"not packaged: {missing[:3]}"

@@ -13,7 +13,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from bidsapp.inference.registry import CARD_NAME
+from bidsapp.inference.registry import CARD_NAME, weight_card, weight_card_path
 from bidsapp.inference.weights import sha256_file
 
 from .baselines import RidgeBaseline
@@ -169,16 +169,25 @@ def training_record(config: TrainConfig, device: torch.device, train_seconds: fl
 
 
 def write_card(card: Mapping[str, Any], models_dir: Path) -> Path:
-    """Write ``<models_dir>/<id>/model_card.json`` atomically (a reader never sees half a card).
+    """Write ``<models_dir>/<id>/model_card.json`` atomically (a reader never sees half a card),
+    and beside each weight file ``<stem>.pt`` its own card ``<stem>.json``.
 
     The card's file paths are relative to that folder, where the weights are written.
     """
     card_path = models_dir / card["id"] / CARD_NAME
     card_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = card_path.with_suffix(".part")
-    tmp.write_text(json.dumps(card, indent=1, default=float), encoding="utf-8")
-    tmp.replace(card_path)
+    for entry in card["weights"]:  # each checkpoint's own card, derived from the model card
+        _write_json_atomic(weight_card_path(card_path.parent, entry["file"]),
+                           weight_card(card, entry))
+    _write_json_atomic(card_path, card)
     return card_path
+
+
+def _write_json_atomic(path: Path, content: Mapping[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".part")
+    tmp.write_text(json.dumps(content, indent=1, default=float), encoding="utf-8")
+    tmp.replace(path)
+
 
 def export_model(config: TrainConfig, family: ModelFamily, records: Sequence[ScanRecord],
                  splits: Mapping[str, Any], fold_results: Mapping[int, Mapping[str, Any]],

@@ -25,8 +25,9 @@ from ..config import MODEL_IDS
 from ..errors import ModelError
 from ..jsonfiles import read_json_file
 
-__all__ = ["CARD_NAME", "models_dir", "card_path", "available_models", "read_card",
-           "require_family", "resolve_models", "verify_models", "training_age_range"]
+__all__ = ["CARD_NAME", "models_dir", "card_path", "weight_card", "weight_card_path",
+           "available_models", "read_card", "require_family", "resolve_models", "verify_models",
+           "training_age_range"]
 
 LOGGER = logging.getLogger("brainage.inference")
 
@@ -77,6 +78,43 @@ def card_path(model_id: str, folder: str | Path | None = None) -> Path | None:
         _warn_legacy(legacy)
         return legacy
     return None
+
+
+def weight_card_path(folder: str | Path, weights_file: str) -> Path:
+    """The card of one weight file: ``<stem>.json`` beside ``<stem>.pt`` in the model folder."""
+    return Path(folder) / Path(weights_file).with_suffix(".json")
+
+
+def weight_card(card: dict, entry: dict) -> dict:
+    """The model card of one checkpoint, derived from its model's card.
+
+    Written by the training export beside every weight file, so that each checkpoint carries
+    its architecture, configuration, training data, seed, CV metrics and sha256 wherever it is
+    copied.  The app reads only ``model_card.json``; the tests check that every weight card
+    equals what this function derives from it.
+
+    Parameters
+    ----------
+    card : dict
+        The model card (``model_card.json``).
+    entry : dict
+        The card's ``weights`` entry of the checkpoint.
+
+    Returns
+    -------
+    dict
+    """
+    training = card.get("training") or {}
+    cross_validation = (card.get("metrics") or {}).get("cross_validation") or {}
+    fold = [m for m in cross_validation.get("per_fold") or [] if m.get("fold") == entry.get("fold")]
+    return {"model_card": CARD_NAME, "id": card.get("id"), "family": card.get("family"),
+            "variant": card.get("variant"), "seed_paper": card.get("seed_paper"),
+            "weights": entry, "architecture": card.get("architecture"),
+            "input": card.get("input"), "training_data": card.get("training_data"),
+            "split": card.get("split"), "seed": (training.get("config") or {}).get("seed"),
+            "config": training.get("config"),
+            "metrics": {"fold": fold[0] if fold else None,
+                        "pooled": cross_validation.get("pooled")}}
 
 
 def read_card(model_id: str, folder: str | Path | None = None) -> tuple[dict, Path]:

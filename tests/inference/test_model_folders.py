@@ -13,7 +13,7 @@ import torch
 
 from bidsapp.errors import ModelError
 from bidsapp.inference.registry import (CARD_NAME, available_models, read_card, resolve_models,
-                                        verify_models)
+                                        verify_models, weight_card, weight_card_path)
 from bidsapp.inference.weights import sha256_file
 
 REPO = Path(__file__).resolve().parents[2]
@@ -23,14 +23,17 @@ def layout_problems(models: Path) -> list[str]:
     """What breaks "one self-contained folder per model" under ``models``.
 
     Every ``*.pt`` needs ``model_card.json`` in its own folder naming it with the file's sha256,
-    and every weights entry of every card must be a file directly in the card's folder.
+    and beside it its own card ``<stem>.json`` equal to what
+    :func:`~bidsapp.inference.registry.weight_card` derives from the model card; every weights
+    entry of every card must be a file directly in the card's folder.
     """
     problems = []
     cards: dict[Path, dict] = {}
+    models_cards: dict[Path, dict] = {}
     for card_path in sorted(models.rglob(CARD_NAME)):
         try:
-            cards[card_path.parent] = {w["file"]: w["sha256"]
-                                       for w in json.loads(card_path.read_text())["weights"]}
+            models_cards[card_path.parent] = json.loads(card_path.read_text())
+            cards[card_path.parent] = {w["file"]: w for w in models_cards[card_path.parent]["weights"]}
         except (ValueError, KeyError, TypeError) as exc:
             problems.append(f"{card_path}: unreadable card ({exc!r})")
     for folder, entries in cards.items():
@@ -45,8 +48,13 @@ def layout_problems(models: Path) -> list[str]:
             problems.append(f"{weights} has no {CARD_NAME} next to it")
         elif weights.name not in entries:
             problems.append(f"{weights} is not named by the card next to it")
-        elif sha256_file(weights) != entries[weights.name]:
+        elif sha256_file(weights) != entries[weights.name]["sha256"]:
             problems.append(f"{weights} does not have the sha256 its card gives")
+        elif not weight_card_path(weights.parent, weights.name).is_file():
+            problems.append(f"{weights} has no weight card {weights.stem}.json next to it")
+        elif json.loads(weight_card_path(weights.parent, weights.name).read_text()) != weight_card(
+                models_cards[weights.parent], entries[weights.name]):
+            problems.append(f"{weights.stem}.json disagrees with the {CARD_NAME} next to it")
     return problems
 
 
@@ -82,6 +90,22 @@ def test_the_layout_check_finds_stray_tampered_and_missing_files(tmp_path):
     raw[len(raw) // 2] ^= 0xFF
     (folder / "fold2.pt").write_bytes(bytes(raw))
     assert layout_problems(models) == [f"{folder / 'fold2.pt'} does not have the sha256 its card gives"]
+
+
+def test_the_layout_check_finds_missing_and_stale_weight_cards(tmp_path):
+    source = REPO / "models" / "densenet-clinical"
+    if not (source / CARD_NAME).is_file():
+        pytest.skip("no densenet-clinical model shipped in this checkout")
+    models = tmp_path / "models"
+    shutil.copytree(source, models / "densenet-clinical")
+    folder = models / "densenet-clinical"
+    (folder / "fold3.json").unlink()
+    assert layout_problems(models) == [f"{folder / 'fold3.pt'} has no weight card fold3.json next to it"]
+    stale = json.loads((folder / "fold4.json").read_text())
+    stale["weights"]["sha256"] = "0" * 64
+    shutil.copy(source / "fold3.json", folder / "fold3.json")
+    (folder / "fold4.json").write_text(json.dumps(stale))
+    assert layout_problems(models) == [f"fold4.json disagrees with the {CARD_NAME} next to it"]
 
 
 def _weights(path: Path, seed: int) -> dict:
