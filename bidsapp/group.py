@@ -453,17 +453,34 @@ class _Context:
                 **self.report}
 
 
-def _load_maps(paths, what):
-    """Stack 3D images (all on one grid) into float32 (n, X, Y, Z); returns (data, affine)."""
+def _maps_on_one_grid(paths, what, dtype):
+    """The grid of the first 3D map and an iterator over all maps as ``dtype`` arrays, read one at
+    a time; the iterator raises :class:`ImageError` at the first map on another grid.
+
+    Returns
+    -------
+    (shape, affine, iterator of ndarray)
+    """
     first = nib.load(paths[0])
     shape, affine = first.shape[:3], first.affine
+
+    def arrays():
+        for p in paths:
+            img = nib.load(p)
+            if img.shape[:3] != shape or not np.allclose(img.affine, affine, atol=1e-3):
+                raise ImageError(f"{p}: {what} maps are not all on one grid "
+                                 f"({img.shape[:3]} vs {shape}); rerun the participant level")
+            yield np.asarray(img.dataobj, dtype=dtype).reshape(shape)
+
+    return shape, affine, arrays()
+
+
+def _load_maps(paths, what):
+    """Stack 3D images (all on one grid) into float32 (n, X, Y, Z); returns (data, affine)."""
+    shape, affine, arrays = _maps_on_one_grid(paths, what, np.float32)
     out = np.empty((len(paths),) + shape, dtype=np.float32)
-    for i, p in enumerate(paths):
-        img = nib.load(p)
-        if img.shape[:3] != shape or not np.allclose(img.affine, affine, atol=1e-3):
-            raise ImageError(f"{p}: {what} maps are not all on one grid "
-                                    f"({img.shape[:3]} vs {shape}); rerun the participant level")
-        out[i] = np.asarray(img.dataobj, dtype=np.float32).reshape(shape)
+    for i, data in enumerate(arrays):
+        out[i] = data
     return out, affine
 
 
@@ -1159,15 +1176,9 @@ def _sum_maps(paths, keys, what):
     ImageError
         When the maps are not all on one grid.
     """
-    first = nib.load(paths[0])
-    shape, affine = first.shape[:3], first.affine
+    _, affine, arrays = _maps_on_one_grid(paths, what, np.float64)
     sums = {}
-    for path, key in zip(paths, keys):
-        img = nib.load(path)
-        if img.shape[:3] != shape or not np.allclose(img.affine, affine, atol=1e-3):
-            raise ImageError(f"{path}: {what} maps are not all on one grid "
-                             f"({img.shape[:3]} vs {shape}); rerun the participant level")
-        data = np.asarray(img.dataobj, dtype=np.float64).reshape(shape)
+    for data, key in zip(arrays, keys):
         sums[key] = sums[key] + data if key in sums else data
     return sums, affine
 
