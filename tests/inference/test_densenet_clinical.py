@@ -264,27 +264,16 @@ def test_nipype_interface_returns_numbers_and_maps(models, scans, tmp_path):
 
 def test_models_workflow_writes_the_brainage_table(models, scans, tmp_path):
     """Model node -> merge -> sink, as inside the participant workflow (no preprocessing)."""
-    from nipype.pipeline import engine as pe
+    from model_workflows import run_models_into_sink
 
-    from bidsapp.interfaces.bids import BrainAgeSink
     from bidsapp.workflows.models import init_models_wf
 
     t1w, mask = scans
-    out = tmp_path / "out"
-    raw = tmp_path / "raw" / "sub-s001" / "anat" / "sub-s001_T1w.nii.gz"
-    raw.parent.mkdir(parents=True)
-    raw.write_bytes(Path(t1w).read_bytes())
-    wf = pe.Workflow(name="wf", base_dir=str(tmp_path / "work"))
     models_wf = init_models_wf(models=["densenet-clinical", "ensemble"])
     models_wf.get_node("densenet_clinical").inputs.models_dir = str(models)
     models_wf.inputs.inputnode.t1w_preproc = str(t1w)
     models_wf.inputs.inputnode.t1w_mask = str(mask)
-    sink = pe.Node(BrainAgeSink(base_directory=str(out), source_file=str(raw),
-                                relpath="sub-s001/anat/sub-s001_T1w.nii.gz",
-                                scan_info=json.dumps({"age": 30.0})), name="ds_brainage")
-    wf.connect(models_wf, "outputnode.predictions", sink, "predictions")
-    wf.run()
-    anat = out / "sub-s001" / "anat"
+    anat = run_models_into_sink(models_wf, tmp_path, "s001", 30.0, raw_t1w=t1w)
     table = (anat / "sub-s001_brainage.tsv").read_text().splitlines()
     assert table[0].split("\t") == ["model", "brain_age", "brain_age_lower", "brain_age_upper",
                                      "age", "brain_pad"]

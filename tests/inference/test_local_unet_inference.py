@@ -140,11 +140,10 @@ def test_maps_on_the_two_mm_grid_and_roi_table(trained):
 
 
 def test_workflow_writes_row_maps_roi_table_and_report_figures(trained, tmp_path):
-    from nipype.pipeline import engine as pe
+    from model_workflows import run_models_into_sink
 
     from bidsapp.derivatives import write_bidsignore
     from bidsapp.group import _MAP_RE
-    from bidsapp.interfaces.bids import BrainAgeSink
     from bidsapp.reports import generate_participant_report
     from bidsapp.workflows.models import MODEL_INPUT_FIELDS, init_models_wf
 
@@ -152,23 +151,14 @@ def test_workflow_writes_row_maps_roi_table_and_report_figures(trained, tmp_path
     assert {"std_mod_tpms_res2", "std_mod_tpms_res1p5"} <= set(MODEL_INPUT_FIELDS)
     maps = sorted(str(p) for p in anat.glob("*res-2_label-*_desc-modulated_probseg.nii.gz"))
     assert [Path(p).name.split("_label-")[1][:2] for p in maps] == ["GM", "WM"]
-    raw = tmp_path / "raw" / "sub-s004" / "anat" / "sub-s004_T1w.nii.gz"
-    raw.parent.mkdir(parents=True)
-    raw.write_bytes(b"placeholder")
-    out = tmp_path / "out"
-    wf = pe.Workflow(name="wf", base_dir=str(tmp_path / "work"))
     models_wf = init_models_wf(models=["local-unet"], age=age)
     node = models_wf.get_node("local_unet")
     node.inputs.models_dir = str(models)
     assert node.inputs.age == age
     models_wf.inputs.inputnode.std_mod_tpms_res2 = maps
-    sink = pe.Node(BrainAgeSink(base_directory=str(out), source_file=str(raw),
-                                relpath="sub-s004/anat/sub-s004_T1w.nii.gz",
-                                scan_info=json.dumps({"age": age})), name="ds_brainage")
-    wf.connect(models_wf, "outputnode.predictions", sink, "predictions")
-    wf.run()
+    out_anat = run_models_into_sink(models_wf, tmp_path, "s004", age)
+    out = out_anat.parents[1]
     expected = LocalUNetPredictor.from_models_dir(models).predict(maps)
-    out_anat = out / "sub-s004" / "anat"
     table = (out_anat / "sub-s004_brainage.tsv").read_text().splitlines()
     row = dict(zip(table[0].split("\t"), table[1].split("\t")))
     assert len(table) == 2 and row["model"] == "local-unet"

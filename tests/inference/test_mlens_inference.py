@@ -4,7 +4,6 @@ the nipype interface and the models workflow writing the brain-age table and the
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -157,30 +156,19 @@ def test_relevance_maps_average_the_base_models(tmp_path, scan):
 
 
 def test_interface_and_models_workflow_write_table_and_map(tmp_path, scan):
-    from nipype.pipeline import engine as pe
+    from model_workflows import run_models_into_sink
 
-    from bidsapp.interfaces.bids import BrainAgeSink
     from bidsapp.workflows.models import MODEL_INPUT_FIELDS, init_models_wf
 
     models = tmp_path / "models"
     models.mkdir()
     write_card(models, regions=("cortical", "subcortical"))
     assert "std_t1w" in MODEL_INPUT_FIELDS
-    raw = tmp_path / "raw" / "sub-s001" / "anat" / "sub-s001_T1w.nii.gz"
-    raw.parent.mkdir(parents=True)
-    shutil.copy(scan, raw)
-    out = tmp_path / "out"
-    wf = pe.Workflow(name="wf", base_dir=str(tmp_path / "work"))
     models_wf = init_models_wf(models=["mlens"])
     models_wf.get_node("mlens").inputs.models_dir = str(models)
     models_wf.inputs.inputnode.std_t1w = str(scan)
-    sink = pe.Node(BrainAgeSink(base_directory=str(out), source_file=str(raw),
-                                relpath="sub-s001/anat/sub-s001_T1w.nii.gz",
-                                scan_info=json.dumps({"age": 70.0})), name="ds_brainage")
-    wf.connect(models_wf, "outputnode.predictions", sink, "predictions")
-    wf.run()
+    anat = run_models_into_sink(models_wf, tmp_path, "s001", 70.0, raw_t1w=scan)
     expected = predict_mlens(scan, models_dir=models)
-    anat = out / "sub-s001" / "anat"
     table = (anat / "sub-s001_brainage.tsv").read_text().splitlines()
     row = dict(zip(table[0].split("\t"), table[1].split("\t")))
     assert row["model"] == "mlens"

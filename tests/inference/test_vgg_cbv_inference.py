@@ -210,25 +210,14 @@ def test_gradcam_map_keeps_the_top_fifth_of_the_fold_mean_on_the_template_grid(e
 
 
 def _run_models_wf(tmp_path, models, scan, **kwargs):
-    from nipype.pipeline import engine as pe
+    from model_workflows import run_models_into_sink
 
-    from bidsapp.interfaces.bids import BrainAgeSink
     from bidsapp.workflows.models import init_models_wf
 
-    raw = tmp_path / "raw" / "sub-s003" / "anat" / "sub-s003_T1w.nii.gz"
-    raw.parent.mkdir(parents=True)
-    shutil.copy(scan, raw)
-    out = tmp_path / "out"
-    wf = pe.Workflow(name="wf", base_dir=str(tmp_path / "work"))
     models_wf = init_models_wf(models=["vgg-cbv"], **kwargs)
     models_wf.get_node("vgg_cbv").inputs.models_dir = str(models)
     models_wf.inputs.inputnode.std_t1w = str(scan)
-    sink = pe.Node(BrainAgeSink(base_directory=str(out), source_file=str(raw),
-                                relpath="sub-s003/anat/sub-s003_T1w.nii.gz",
-                                scan_info=json.dumps({"age": 40.0})), name="ds_brainage")
-    wf.connect(models_wf, "outputnode.predictions", sink, "predictions")
-    wf.run()
-    anat = out / "sub-s003" / "anat"
+    anat = run_models_into_sink(models_wf, tmp_path, "s003", 40.0, raw_t1w=scan)
     lines = (anat / "sub-s003_brainage.tsv").read_text().splitlines()
     return anat, dict(zip(lines[0].split("\t"), lines[1].split("\t"))), \
         json.loads((anat / "sub-s003_brainage.json").read_text())
