@@ -351,10 +351,36 @@ class DiffusionAEFamily(ModelFamily):
             raise UsageError("diffusion-ae has no thick-slice robustness check; set "
                              "export.robustness_spacings_mm = []")
         result = evaluate_fold(self, _MedialView(cache), test, best_path, device)
+        result["reconstruction"] = self.reconstruction_quality(cache, test, best_path, device)
         labels = best_path.parent / "age_labels.json"
         if labels.is_file():
             result["age_labels"] = json.loads(labels.read_text(encoding="utf-8"))
         return result
+
+    def reconstruction_quality(self, cache, test: Sequence[ScanRecord], best_path,
+                               device, batch_size: int = 16) -> dict[str, Any]:
+        """SSIM and PSNR of the DDIM reconstructions of the held-out medial slices.
+
+        Each slice is encoded to (z_sem, x_T) and decoded with ``ddim_steps`` steps by the
+        fold's best network (:func:`bidsapp.nets.ddim_reconstruct`), then compared with the
+        slice by :func:`bidsapp.nets.reconstruction_quality`.
+        """
+        from bidsapp.nets import ddim_reconstruct, reconstruction_quality
+
+        state = torch.load(best_path, map_location="cpu", weights_only=True)
+        net = self.build_network()
+        net.load_state_dict(state["model"])
+        net.to(device).eval()
+        rows = []
+        for start in range(0, len(test), batch_size):
+            part = test[start:start + batch_size]
+            images = torch.from_numpy(np.stack([cache.views(r.key)[0] for r in part])[:, None])
+            images = images.float().to(device)
+            quality = reconstruction_quality(ddim_reconstruct(net, images, self.ddim_steps),
+                                             images)
+            rows += [{"key": r.key, "ssim": float(a), "psnr": float(b)}
+                     for r, a, b in zip(part, quality["ssim"], quality["psnr"])]
+        return {"ddim_steps": self.ddim_steps, "rows": rows}
 
     def card_extras(self, fold_results) -> dict[str, Any]:
         per_fold = []
@@ -368,11 +394,26 @@ class DiffusionAEFamily(ModelFamily):
                         "participants along their age order (training.diffusion_ae."
                         "hidden_age_participants); 'use': their scans train the diffusion loss "
                         "only, 'drop': they are left out; validation and test scans keep ages"}
+        quality = [row for k in sorted(fold_results)
+                   for row in (fold_results[k].get("reconstruction") or {}).get("rows", [])]
+        reconstruction = None
+        if quality:
+            ssim = np.array([q["ssim"] for q in quality])
+            psnr = np.array([q["psnr"] for q in quality])
+            sd = (lambda v: float(v.std(ddof=1)) if v.size > 1 else None)  # noqa: E731
+            reconstruction = {
+                "held_out_scans": len(quality), "ddim_steps": self.ddim_steps,
+                "ssim_mean": float(ssim.mean()), "ssim_sd": sd(ssim),
+                "psnr_db_mean": float(psnr.mean()), "psnr_db_sd": sd(psnr),
+                "description": "DDIM encode + decode of each held-out medial slice by its "
+                               "fold's network; SSIM and PSNR against the slice (data range 1; "
+                               "bidsapp.nets.reconstruction_quality)"}
         prediction = {
             "ensemble": "mean of the fold models' predictions, each from the medial axial slice "
                         "only (neighbouring slices are training augmentation)",
             "mc_dropout_samples": self.mc_samples, "ddim_steps": self.ddim_steps}
-        return {"semi_supervision": semi, "prediction": prediction}
+        return {"semi_supervision": semi, "prediction": prediction,
+                "reconstruction": reconstruction}
 
     def architecture(self) -> dict[str, Any]:
         from bidsapp.nets import DiffusionAE

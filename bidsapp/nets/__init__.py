@@ -2,7 +2,8 @@
 
 from .cbv_synth import CBVSynthNet, load_cbv_synth, selective_scan, synthesise_cbv
 from .ddim import (DDIMCode, age_direction, ddim_decode, ddim_encode, ddim_interpolate,
-                   ddim_reconstruct, ddim_timesteps, manipulate_age, slerp)
+                   ddim_reconstruct, ddim_timesteps, manipulate_age, reconstruction_quality,
+                   slerp)
 from .densenet import DENSENET169_BLOCKS, LEAKY_RELU, DenseNetRegressor, densenet169_regressor
 from .diffusion_ae import (DIFFUSION_AE_AGE_HIDDEN, DIFFUSION_AE_CHANNELS, DIFFUSION_AE_SCHEDULES,
                            DiffusionAE, mc_dropout_age)
@@ -20,5 +21,5 @@ __all__ = ["DenseNetRegressor", "densenet169_regressor", "DENSENET169_BLOCKS", "
            "CBVSynthNet", "selective_scan", "synthesise_cbv", "load_cbv_synth",
            "DiffusionAE", "DIFFUSION_AE_CHANNELS", "DIFFUSION_AE_AGE_HIDDEN",
            "DIFFUSION_AE_SCHEDULES", "mc_dropout_age", "DDIMCode", "ddim_timesteps",
-           "ddim_encode", "ddim_decode", "ddim_reconstruct", "slerp", "ddim_interpolate",
-           "age_direction", "manipulate_age"]
+           "ddim_encode", "ddim_decode", "ddim_reconstruct", "reconstruction_quality", "slerp",
+           "ddim_interpolate", "age_direction", "manipulate_age"]

@@ -38,7 +38,7 @@ import torch
 from ._checks import check_int
 
 __all__ = ["DDIMCode", "ddim_timesteps", "ddim_encode", "ddim_decode", "ddim_reconstruct",
-           "slerp", "ddim_interpolate", "age_direction", "manipulate_age"]
+           "reconstruction_quality", "slerp", "ddim_interpolate", "age_direction", "manipulate_age"]
 
 
 class DDIMCode(NamedTuple):
@@ -154,6 +154,34 @@ def ddim_reconstruct(net, images: torch.Tensor, steps: int = 100) -> torch.Tenso
     """:func:`ddim_decode` of :func:`ddim_encode` (the autoencoder's reconstruction)."""
     code = ddim_encode(net, images, steps)
     return ddim_decode(net, code.x_T, code.z_sem, steps)
+
+
+def reconstruction_quality(reconstruction: torch.Tensor, images: torch.Tensor) -> dict[str, np.ndarray]:
+    """SSIM and PSNR of reconstructions against their [0, 1] images, one value per image.
+
+    The reconstruction is clipped to [0, 1] first (the decoder's output is not), and both
+    metrics use a data range of 1: MONAI's ``SSIMMetric`` (11-pixel Gaussian window,
+    sigma 1.5, k1 = 0.01, k2 = 0.03, the values of Wang et al. 2004) and ``PSNRMetric``.
+
+    Parameters
+    ----------
+    reconstruction, images : Tensor, shape (B, C, H, W)
+
+    Returns
+    -------
+    dict
+        ``{"ssim": (B,), "psnr": (B,)}`` as float64 arrays.
+    """
+    from monai.metrics import PSNRMetric, SSIMMetric
+
+    if reconstruction.shape != images.shape or reconstruction.ndim != 4:
+        raise ValueError(f"reconstruction {tuple(reconstruction.shape)} and images "
+                         f"{tuple(images.shape)} must be equal (B, C, H, W) shapes")
+    recon = reconstruction.detach().float().clamp(0.0, 1.0).cpu()
+    truth = images.detach().float().cpu()
+    ssim = SSIMMetric(spatial_dims=2, data_range=1.0, reduction="none")(recon, truth)
+    psnr = PSNRMetric(max_val=1.0, reduction="none")(recon, truth)
+    return {"ssim": ssim.reshape(-1).double().numpy(), "psnr": psnr.reshape(-1).double().numpy()}
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, weight: float) -> torch.Tensor:

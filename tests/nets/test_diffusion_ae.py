@@ -343,3 +343,28 @@ def test_mc_dropout_interval():
         mc_dropout_age(DiffusionAE(**TINY, age_dropout=0.0), x)
     with pytest.raises(ValueError, match="level"):
         mc_dropout_age(net, x, level=1.0)
+
+
+def test_reconstruction_quality_equals_scikit_image():
+    """SSIM (Gaussian window, sigma 1.5, population covariance) and PSNR as scikit-image has them."""
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+    from bidsapp.nets import reconstruction_quality
+
+    rng = np.random.default_rng(3)
+    images = torch.from_numpy(rng.random((3, 1, 40, 40)))
+    # out-of-range values are clipped to [0, 1] before the metrics
+    recon = images + torch.from_numpy(rng.normal(0, 0.1, images.shape))
+    got = reconstruction_quality(recon, images)
+    clipped = recon.clamp(0, 1).numpy()
+    for k in range(3):
+        a, b = images[k, 0].numpy(), clipped[k, 0]
+        ssim = structural_similarity(a, b, data_range=1.0, gaussian_weights=True, sigma=1.5,
+                                     use_sample_covariance=False)
+        assert got["ssim"][k] == pytest.approx(ssim, abs=1e-6)
+        assert got["psnr"][k] == pytest.approx(peak_signal_noise_ratio(a, b, data_range=1.0),
+                                               rel=1e-6)
+    perfect = reconstruction_quality(images, images)
+    np.testing.assert_allclose(perfect["ssim"], 1.0, atol=1e-6)
+    with pytest.raises(ValueError, match="shapes"):
+        reconstruction_quality(images[:, :, :20], images)
