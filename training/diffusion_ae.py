@@ -4,7 +4,9 @@
   :class:`bidsapp.nets.DiffusionAE` from ``[model]`` and prepares the medial axial slice of the
   participant-level MNI-space T1w (:mod:`bidsapp.transforms.mni_slice`) from ``[input]``.
   Neighbouring slices, when configured, are further views of which training draws one per
-  scan and epoch.  Validation and the held-out evaluation use the medial slice only.
+  scan and epoch.  Validation (early stopping) uses the medial slice only; the held-out
+  evaluation, like the app, predicts the mean over all prepared slices (test-time
+  augmentation) and also records the medial slice alone.
 * :class:`DiffusionAETrainer` overrides ``train_step`` with the paper's objective: the noise
   MSE (eq. 4, conditioned on z_sem) plus ``age_loss_weight`` times the age MSE (eq. 6, in
   units of the output scale), all three networks trained at once.  A scan whose age is NaN
@@ -344,13 +346,18 @@ class DiffusionAEFamily(ModelFamily):
         return DiffusionAETrainer
 
     def evaluate_fold(self, cache, test, best_path, device, robustness_spacings=()):
-        """Held-out predictions from the medial slice, with the fold's ``age_labels.json``."""
+        """Held-out predictions (mean over the prepared slices, and from the medial slice
+        alone), reconstruction quality, and the fold's ``age_labels.json``."""
         from .export import evaluate_fold
 
         if robustness_spacings:
             raise UsageError("diffusion-ae has no thick-slice robustness check; set "
                              "export.robustness_spacings_mm = []")
-        result = evaluate_fold(self, _MedialView(cache), test, best_path, device)
+        result = evaluate_fold(self, cache, test, best_path, device)
+        medial = evaluate_fold(self, _MedialView(cache), test, best_path, device)
+        result["medial_only"] = {"rows": [{"key": r["key"], "predicted": r["predicted"]}
+                                          for r in medial["rows"]],
+                                 "metrics": medial["metrics"]}
         result["reconstruction"] = self.reconstruction_quality(cache, test, best_path, device)
         labels = best_path.parent / "age_labels.json"
         if labels.is_file():
@@ -382,6 +389,25 @@ class DiffusionAEFamily(ModelFamily):
                      for r, a, b in zip(part, quality["ssim"], quality["psnr"])]
         return {"ddim_steps": self.ddim_steps, "rows": rows}
 
+    @staticmethod
+    def _pooled_medial(fold_results) -> dict[str, Any] | None:
+        """Pooled held-out metrics of the prediction from the medial slice alone."""
+        from .evaluate import regression_metrics
+
+        pairs = []
+        for k in sorted(fold_results):
+            medial = fold_results[k].get("medial_only")
+            if not medial:
+                return None
+            ages = {r["key"]: r["age"] for r in fold_results[k]["rows"]}
+            pairs += [(ages[r["key"]], r["predicted"]) for r in medial["rows"]]
+        if len(pairs) < 2:
+            return None
+        age, predicted = zip(*pairs)
+        return {"metrics": regression_metrics(age, predicted),
+                "description": "held-out predictions from the medial slice alone (the paper's "
+                               "input), for comparison with the shipped mean over slices"}
+
     def card_extras(self, fold_results) -> dict[str, Any]:
         per_fold = []
         for k in sorted(fold_results):
@@ -409,9 +435,12 @@ class DiffusionAEFamily(ModelFamily):
                                "fold's network; SSIM and PSNR against the slice (data range 1; "
                                "bidsapp.nets.reconstruction_quality)"}
         prediction = {
-            "ensemble": "mean of the fold models' predictions, each from the medial axial slice "
-                        "only (neighbouring slices are training augmentation)",
-            "mc_dropout_samples": self.mc_samples, "ddim_steps": self.ddim_steps}
+            "ensemble": "mean of the fold models' predictions, each the mean over the prepared "
+                        "slices: the medial axial slice and its neighbour_slices neighbours on "
+                        "each side (the training augmentation's views, used as test-time "
+                        "augmentation)",
+            "views": "all", "mc_dropout_samples": self.mc_samples, "ddim_steps": self.ddim_steps,
+            "medial_slice_only": self._pooled_medial(fold_results)}
         return {"semi_supervision": semi, "prediction": prediction,
                 "reconstruction": reconstruction}
 

@@ -223,7 +223,17 @@ def test_card_and_hidden_ages_per_fold(trained):
                                                          medial + 3 * 4.75])
     parts = card["architecture"]["n_parameters_by_part"]
     assert sum(parts.values()) == card["architecture"]["n_parameters"]
-    assert "medial axial slice only" in card["prediction"]["ensemble"]
+    assert card["prediction"]["views"] == "all"
+    # the card's metrics are of the mean over the 3 prepared slices; the medial slice alone too
+    medial = card["prediction"]["medial_slice_only"]["metrics"]
+    evaluations = [json.loads((root / "work" / f"fold{k}" / "evaluation.json").read_text())
+                   for k in range(2)]
+    ages = {r["key"]: r["age"] for e in evaluations for r in e["rows"]}
+    rows = [r for e in evaluations for r in e["medial_only"]["rows"]]
+    assert medial["n"] == len(AGES)
+    assert medial["mae"] == pytest.approx(np.mean([abs(r["predicted"] - ages[r["key"]])
+                                                   for r in rows]))
+    assert all(len(e["rows"]) == len(e["medial_only"]["rows"]) for e in evaluations)
     assert card["metrics"]["cross_validation"]["pooled"]["n"] == len(AGES)
     for entry in card["weights"]:
         path = Path(result["card"]).parent / entry["file"]
