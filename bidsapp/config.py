@@ -46,6 +46,7 @@ class RunConfig:
     models: tuple[str, ...] = ()
     device: str = "cpu"
     cbv_model: Path | None = None
+    ddim_steps: int | None = None
     skip_bids_validation: bool = False
     random_seed: int = 0
     vbm_fwhm: float | None = None

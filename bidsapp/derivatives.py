@@ -289,6 +289,7 @@ def write_dataset_description(output_dir: str | os.PathLike, bids_dir: str | os.
 _BIDSIGNORE = ("*.html", "logs", "log", "figures", "*_xfm.*", "*_qc.json", "*_brainage.tsv",
                "*_brainage.json", "*_brainagemap.*", "*_relevancemap.*", "*_statmap.*",
                "*_brainpadmap.*", "*_brainagesdmap.*", "*_brainageroi.*",
+               "*_inputslice.*", "*_reconslice.*", "*_reconerrorslice.*",
                "group_*", "desc-*_biasfit.json")
 
 
@@ -485,7 +486,9 @@ def write_model_derivatives(output_dir: str | os.PathLike, source: SourceEntitie
         One per model, as written by the model interfaces (:mod:`bidsapp.interfaces.models`):
         ``model``, ``brain_age``, ``brain_age_lower``, ``brain_age_upper``, ``details`` and
         ``maps`` (each ``file``, ``suffix``, optional ``space``, ``res``, ``meta`` and
-        ``extension``, default ``.nii.gz``; a ``.tsv`` gets its ``meta`` as data dictionary),
+        ``extension``, default ``.nii.gz``; a ``.tsv`` gets its ``meta`` as data dictionary;
+        a map in a ``space`` with a ``res`` gets that resolution's ``Resolution`` text, one
+        without, such as the diffusion-ae slices, describes its grid in its own ``meta``),
         and optionally ``provenance`` (a mapping written to the table's sidecar under
         ``ModelProvenance.<model>``).
     age : float, optional
@@ -518,8 +521,8 @@ def write_model_derivatives(output_dir: str | os.PathLike, source: SourceEntitie
             written.append(atomic_copy(item["file"], dst))
             meta = {**item.get("meta", {}), "Model": pred["model"], "Sources": sources,
                     "SpatialReference": TEMPLATE_URL if item.get("space") else sources[0]}
-            if item.get("space"):
-                meta.setdefault("Resolution", _RESOLUTIONS.get(item.get("res"), ""))
+            if item.get("space") and item.get("res"):
+                meta.setdefault("Resolution", _RESOLUTIONS.get(item["res"], ""))
             written.append(write_json(dst.with_name(dst.name.split(".")[0] + ".json"), meta))
     if len(rows) >= 2:
         rows.append({"model": "ensemble", "age": age,

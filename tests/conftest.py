@@ -74,6 +74,15 @@ def tiny_vgg_cbv(tmp_path_factory) -> tuple[Path, Path]:
     return export_tiny_vgg_cbv(tmp_path_factory.mktemp("vgg-cbv"))
 
 
+@pytest.fixture(scope="session")
+def tiny_diffusion_ae(tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny diffusion-ae model trained and exported by the training engine (once per
+    session): ``(models_dir, derivs)``, see ``diffusion_ae_models.export_tiny_diffusion_ae``."""
+    from diffusion_ae_models import export_tiny_diffusion_ae
+
+    return export_tiny_diffusion_ae(tmp_path_factory.mktemp("diffusion-ae"))
+
+
 @pytest.fixture(autouse=True)
 def _run_in_tmp(tmp_path, monkeypatch):
     """Run each test in its own folder so defaults such as ./work never land in the checkout."""

@@ -440,6 +440,12 @@ class DiffusionAEFamily(ModelFamily):
                         "each side (the training augmentation's views, used as test-time "
                         "augmentation)",
             "views": "all", "mc_dropout_samples": self.mc_samples, "ddim_steps": self.ddim_steps,
+            **({"interval": f"95% interval: 2.5th and 97.5th percentiles of {self.mc_samples} "
+                            "Monte-Carlo dropout passes of the age MLP per fold model (z_sem "
+                            "fixed, batch norm in eval mode), pooled over the fold models; it "
+                            "reflects the age MLP's dropout and the fold models' disagreement, "
+                            "not the error against chronological age (see metrics)"}
+               if self.mc_samples else {}),
             "medial_slice_only": self._pooled_medial(fold_results)}
         return {"semi_supervision": semi, "prediction": prediction,
                 "reconstruction": reconstruction}

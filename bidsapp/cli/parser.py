@@ -127,6 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
               "on the CBV map synthesised from the MNI-space T1w and applies a T1w+CBV stack. "
               "Needs a vgg-cbv model with CBV-branch weights (none ships: no paired data is "
               "public); refused with exit 65 otherwise")
+    _add(mdl, "--ddim-steps", type=int, metavar="N", default=None,
+         help="DDIM steps (an integer >= 1) of the diffusion-ae reconstruction of the medial "
+              "slice (encoding and decoding: 2 N network passes); default: the model card's "
+              "value. Fewer steps run faster and reconstruct less exactly")
     _add(mdl, "--vbm-fwhm", type=float, metavar="MM", default=None,
          help="also write smoothed modulated GM/WM maps with this FWHM in mm (e.g. 4)")
 
@@ -266,6 +270,31 @@ def _cbv_model(path: Path | None, models: tuple[str, ...]) -> Path | None:
     return path
 
 
+def _ddim_steps(value: int | None, models: tuple[str, ...]) -> int | None:
+    """Check ``--ddim-steps``: an integer >= 1, and diffusion-ae among the models to run.
+
+    Whether the installed diffusion-ae model has that many diffusion timesteps is checked by
+    the participant level, after the model cards are read
+    (:func:`bidsapp.inference.diffusion_ae.check_ddim_request`).
+
+    Examples
+    --------
+    >>> _ddim_steps(20, ("all",)), _ddim_steps(None, ())
+    (20, None)
+    """
+    if value is None:
+        return None
+    if value < 1:
+        raise UsageError(f"--ddim-steps must be an integer >= 1 (the DDIM steps of the "
+                         f"diffusion-ae reconstruction), got {value}; leave it out for the model "
+                         "card's value")
+    if models != ("all",) and "diffusion-ae" not in models:
+        raise UsageError(f"--ddim-steps sets the reconstruction of diffusion-ae, which --models "
+                         f"{' '.join(models) or 'none'} does not run; add diffusion-ae to "
+                         "--models or drop --ddim-steps")
+    return value
+
+
 def parse_args(argv: Sequence[str] | None = None) -> RunConfig:
     """Parse and validate the command line.
 
@@ -332,6 +361,7 @@ def parse_args(argv: Sequence[str] | None = None) -> RunConfig:
         raise UsageError(f"--n-perm must be >= 1, got {args.n_perm}")
     models = _resolve_models(args.models)
     cbv_model = _cbv_model(args.cbv_model, models) if "participant" in levels else None
+    ddim_steps = _ddim_steps(args.ddim_steps, models) if "participant" in levels else None
     _check_writable(output_dir, "output_dir")
     if "participant" in levels:
         _check_writable(work_dir, "--work-dir")
@@ -340,7 +370,7 @@ def parse_args(argv: Sequence[str] | None = None) -> RunConfig:
         participant_labels=tuple(participants) if participants else None,
         session_labels=tuple(sessions) if sessions else None, bids_filters=filters,
         nprocs=nprocs, omp_nthreads=omp, mem_gb=parse_mem_gb(args.mem),
-        models=models, device=device, cbv_model=cbv_model,
+        models=models, device=device, cbv_model=cbv_model, ddim_steps=ddim_steps,
         skip_bids_validation=args.skip_bids_validation, random_seed=args.random_seed,
         vbm_fwhm=args.vbm_fwhm, verbosity=args.verbosity, group_options=group_options,
         nipype_plugin=plugin, nipype_plugin_args=plugin_args)

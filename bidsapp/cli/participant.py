@@ -112,6 +112,9 @@ def run_participant_level(config: RunConfig) -> None:
     BIDSValidationError, EmptySelectionError, InputMissingError, ImageError, AgeError, ModelError
         Before any processing starts (a ``--cbv-model`` that the installed vgg-cbv model
         cannot use is a ModelError).
+    UsageError
+        Before any processing starts: a ``--ddim-steps`` beyond the diffusion timesteps of the
+        installed diffusion-ae model.
     ParticipantBusyError
         When another run holds every selected participant (see :mod:`bidsapp.locking`).
     ParticipantFailure
@@ -131,6 +134,11 @@ def run_participant_level(config: RunConfig) -> None:
         from ..inference.vgg_cbv import check_cbv_request
 
         check_cbv_request(cards.get("vgg-cbv"), config.cbv_model, models_dir())
+    if config.ddim_steps is not None:
+        from ..inference.diffusion_ae import check_ddim_request
+        from ..inference.registry import models_dir
+
+        check_ddim_request(cards.get("diffusion-ae"), config.ddim_steps, models_dir())
     _flag_age_range(units, cards)
     for unit in units:
         for warning in unit.info.warnings:
@@ -180,7 +188,7 @@ def _process(config: RunConfig, units: list[T1wUnit], good: list[T1wUnit],
     workflow = init_brainage_wf(units=good, output_dir=config.output_dir, work_dir=config.work_dir,
                                 omp_nthreads=config.omp_nthreads, random_seed=config.random_seed,
                                 vbm_fwhm=config.vbm_fwhm, models=models, device=config.device,
-                                cbv_model=config.cbv_model)
+                                cbv_model=config.cbv_model, ddim_steps=config.ddim_steps)
     workflow.config["execution"].update({
         "crashdump_dir": str(crash_root), "crashfile_format": "txt", "stop_on_first_crash": False,
         "remove_unnecessary_outputs": False, "parameterize_dirs": False,

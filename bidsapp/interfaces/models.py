@@ -13,7 +13,8 @@ from typing import Any
 from nipype.interfaces.base import (BaseInterfaceInputSpec, File, InputMultiObject,
                                     SimpleInterface, Str, TraitedSpec, isdefined, traits)
 
-__all__ = ["DenseNetClinicalPredict", "MLensPredict", "VGGCBVPredict", "LocalUNetPredict"]
+__all__ = ["DenseNetClinicalPredict", "MLensPredict", "VGGCBVPredict", "DiffusionAEPredict",
+           "LocalUNetPredict"]
 
 
 class _DenseNetClinicalPredictInputSpec(BaseInterfaceInputSpec):
@@ -310,6 +311,105 @@ class VGGCBVPredict(SimpleInterface):
         details = {**result.details(), "variant": predictor.card.get("variant")}
         self._results["prediction"] = _write_prediction(runtime.cwd, MODEL_ID, result, details,
                                                         maps, provenance)
+        return runtime
+
+
+class _DiffusionAEPredictInputSpec(BaseInterfaceInputSpec):
+    std_t1w = File(exists=True, mandatory=True,
+                   desc="brain-masked T1w on the 2 mm template grid "
+                        "(space-MNI152NLin2009aSym_res-2_desc-preproc_T1w)")
+    models_dir = Str(desc="models folder with the diffusion-ae card (default: the installed models)")
+    device = Str("cpu", usedefault=True, desc="torch device")
+    num_threads = traits.Int(1, usedefault=True, desc="torch CPU threads")
+    random_seed = traits.Int(0, usedefault=True, desc="seed of the Monte-Carlo dropout masks")
+    mc_samples = traits.Int(desc="Monte-Carlo dropout passes per fold (default: the card's)")
+    ddim_steps = traits.Int(desc="DDIM steps of the reconstruction (default: the card's; "
+                                 "--ddim-steps)")
+    reconstruction = traits.Bool(True, usedefault=True,
+                                 desc="DDIM-reconstruct the medial slice and write the slices")
+
+
+class _DiffusionAEPredictOutputSpec(TraitedSpec):
+    brain_age = traits.Float(desc="mean of the fold networks' predictions (years)")
+    brain_age_lower = traits.Float(desc="2.5th percentile of the pooled MC-dropout passes")
+    brain_age_upper = traits.Float(desc="97.5th percentile of the pooled MC-dropout passes")
+    mc_sd = traits.Float(desc="SD of the pooled MC-dropout passes (years)")
+    ssim = traits.Float(desc="SSIM of the reconstruction against the input slice")
+    psnr = traits.Float(desc="PSNR (dB) of the reconstruction against the input slice")
+    input_slice = File(desc="the prepared medial axial slice (network input)")
+    recon_slice = File(desc="its DDIM reconstruction, clipped to [0, 1]")
+    recon_error_slice = File(desc="absolute difference of the two")
+    prediction = File(exists=True, desc="JSON for the derivatives sink: row, details, slices and "
+                                        "provenance")
+
+
+class DiffusionAEPredict(SimpleInterface):
+    """Brain age with the diffusion-ae fold ensemble (seed 001), its MC-dropout interval and the
+    DDIM reconstruction of the medial slice.
+
+    Examples
+    --------
+    >>> node = DiffusionAEPredict(ddim_steps=20)
+    >>> node.inputs.reconstruction, node.inputs.random_seed
+    (True, 0)
+    """
+
+    input_spec = _DiffusionAEPredictInputSpec
+    output_spec = _DiffusionAEPredictOutputSpec
+
+    def _run_interface(self, runtime):
+        import math
+
+        from ..inference.diffusion_ae import MODEL_ID, SLICE_SUFFIXES, DiffusionAEPredictor
+        from ..templates import TEMPLATE_SPACE
+
+        inputs = self.inputs
+        predictor = _load_predictor(
+            DiffusionAEPredictor, inputs,
+            mc_samples=inputs.mc_samples if isdefined(inputs.mc_samples) else None,
+            ddim_steps=inputs.ddim_steps if isdefined(inputs.ddim_steps) else None)
+        result = predictor.predict(inputs.std_t1w, seed=inputs.random_seed,
+                                   reconstruct=inputs.reconstruction)
+        self._results.update(brain_age=result.brain_age, brain_age_lower=result.lower,
+                             brain_age_upper=result.upper, mc_sd=result.mc_sd)
+        maps = []
+        rec = result.reconstruction
+        if rec is not None:
+            self._results.update(ssim=rec.ssim, psnr=rec.psnr)
+            slice_meta = {
+                "Slice": "medial axial slice of the MNI-space T1w (bidsapp.transforms.mni_slice; "
+                         f"MNI z = {result.slice_z_mm:.2f} mm), {predictor.spec.size} x "
+                         f"{predictor.spec.size} pixels over the template field of view",
+                "Resolution": "one axial plane resampled from the 2 mm template grid: "
+                              f"{predictor.spec.size}^2 pixels over its field of view, one plane "
+                              f"of a {predictor.spec.grid_size}^3 cube thick",
+                "Fold": rec.fold, "DDIMSteps": rec.ddim_steps}
+            texts = {
+                "input": ("The network input: the medial axial slice, min-max normalised to "
+                          "[0, 1]", "arbitrary (normalised intensity)"),
+                "reconstruction": ("DDIM reconstruction of the input slice by the diffusion "
+                                   "autoencoder of the first fold: deterministic DDIM encoding to "
+                                   "x_T conditioned on z_sem, then decoding; clipped to [0, 1]",
+                                   "arbitrary (normalised intensity)"),
+                "difference": ("Absolute difference between the reconstruction and the input "
+                               "slice", "arbitrary (normalised intensity)")}
+            outputs = {"input": "input_slice", "reconstruction": "recon_slice",
+                       "difference": "recon_error_slice"}
+            images = rec.images(predictor.spec)
+            for key, suffix in SLICE_SUFFIXES.items():
+                path = os.path.join(runtime.cwd, f"{suffix}.nii.gz")
+                images[suffix].to_filename(path)
+                self._results[outputs[key]] = path
+                text, units = texts[key]
+                meta = {"Description": text, "Units": units, **slice_meta}
+                if key != "input":
+                    meta.update(SSIM=rec.ssim, PSNR=rec.psnr if math.isfinite(rec.psnr) else None,
+                                DataRange=1.0)
+                maps.append({"file": path, "suffix": suffix, "space": TEMPLATE_SPACE,
+                             "meta": meta})
+        details = {**result.details(), "variant": predictor.card.get("variant")}
+        self._results["prediction"] = _write_prediction(runtime.cwd, MODEL_ID, result, details,
+                                                        maps, result.provenance())
         return runtime
 
 

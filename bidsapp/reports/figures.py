@@ -47,6 +47,7 @@ __all__ = [
     "crop_to_mask",
     "plot_mosaic",
     "plot_overlay",
+    "plot_slice_row",
     "save_figure",
 ]
 
@@ -506,6 +507,84 @@ def plot_overlay(background: ImageLike, overlay_img: ImageLike, *,
                       alpha=alpha, label=label)
     return plot_mosaic(background, cuts=cuts, contours=contours, overlay=overlay, title=title,
                        crop_mask=crop_mask)
+
+
+def plot_slice_row(panels: Sequence[tuple[str, np.ndarray]], *, vmin: float = 0.0,
+                   vmax: float = 1.0, diff_vmax: float | None = None,
+                   diff_index: int | None = None, title: str | None = None) -> Figure:
+    """One row of 2D slices side by side, e.g. an input, its reconstruction and their difference.
+
+    Parameters
+    ----------
+    panels : sequence of (str, ndarray)
+        Panel title and a 2D array indexed ``[x, y]`` in RAS order (x: left to right,
+        y: posterior to anterior), as :mod:`bidsapp.transforms.mni_slice` prepares slices;
+        drawn with anterior up and the participant's left on the left.
+    vmin, vmax : float
+        Grey range of the image panels.
+    diff_vmax : float or None
+        Upper end of the colour range of the difference panel (``None``: its 99.5th percentile
+        of the positive values).
+    diff_index : int or None
+        Which panel is a difference, drawn in ``inferno`` with a colour bar (``None``: none).
+    title : str or None
+        Text above the row.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+
+    Examples
+    --------
+    >>> a = np.linspace(0, 1, 64).reshape(8, 8)
+    >>> fig = plot_slice_row([("input", a), ("reconstruction", a), ("|difference|", 0 * a)],
+    ...                      diff_index=2)
+    >>> len(fig.axes)
+    4
+    """
+    if not panels:
+        raise ValueError("panels must hold at least one (title, array) pair")
+    arrays = []
+    for name, data in panels:
+        data = np.asarray(data, dtype=float)
+        if data.ndim == 3 and data.shape[2] == 1:
+            data = data[:, :, 0]
+        if data.ndim != 2:
+            raise ValueError(f"panel {name!r} is not a 2D slice (shape {data.shape})")
+        arrays.append((str(name), data))
+    head = 0.35 if title else 0.0
+    width, height = len(arrays) * _PANEL_IN * 1.25, _PANEL_IN * 1.25 + 0.3 + head
+    fig = Figure(figsize=(width, height), facecolor=_BG)
+    FigureCanvasAgg(fig)
+    panel_w = 1.0 / len(arrays)
+    for k, (name, data) in enumerate(arrays):
+        ax = fig.add_axes([k * panel_w + 0.01, 0.02, panel_w * (0.74 if k == diff_index else 0.98),
+                           (height - 0.3 - head) / height])
+        ax.set_facecolor(_BG)
+        if k == diff_index:
+            positive = data[np.isfinite(data) & (data > 0)]
+            top = diff_vmax if diff_vmax is not None else (
+                float(np.percentile(positive, 99.5)) if positive.size else 1.0)
+            image = ax.imshow(data.T, origin="lower", cmap="inferno", vmin=0.0,
+                              vmax=max(top, 1e-6), interpolation="nearest")
+            cax = fig.add_axes([k * panel_w + panel_w * 0.77, 0.1, 0.012,
+                                0.75 * (height - 0.3 - head) / height])
+            bar = fig.colorbar(image, cax=cax, format="%.2g")
+            bar.ax.tick_params(colors="white", labelsize=8)
+            bar.outline.set_edgecolor("white")
+        else:
+            ax.imshow(data.T, origin="lower", cmap="gray", vmin=vmin, vmax=vmax,
+                      interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(name, color="white", fontsize=11)
+        ax.text(0.02, 0.5, "L", color="white", fontsize=9, transform=ax.transAxes, va="center")
+        ax.text(0.98, 0.5, "R", color="white", fontsize=9, transform=ax.transAxes, va="center",
+                ha="right")
+    if title:
+        fig.text(0.005, 1.0 - 0.5 * head / height, title, color="white", fontsize=12,
+                 va="center", ha="left")
+    return fig
 
 
 def save_figure(fig: Figure, path: str | os.PathLike, *, max_bytes: int = FIGURE_MAX_BYTES,

@@ -4,7 +4,10 @@ The report is built only from the derivatives already written to ``output_dir`` 
 from the work directory), so it shows exactly what a user downloads.  Each T1w "unit"
 (one source T1w: session/acquisition/run) gets a section with a summary table read from
 its ``_qc.json``, figures (brain-mask outline, tissue segmentation, template contours on
-the warped T1w, explanation maps when present) and its brain-age table when present.
+the warped T1w, explanation maps when present) and its brain-age table when present; a unit
+with a diffusion-ae result also gets that model's section (its Monte-Carlo dropout interval,
+the SSIM and PSNR of the reconstruction, and the input slice, reconstruction and difference
+side by side).
 Figures go to ``sub-<label>/figures/`` and are linked by relative path, as in fMRIPrep.
 """
 
@@ -62,6 +65,9 @@ _MAP_SUFFIXES = {"relevancemap": "relevance", "brainagemap": "voxel-wise brain a
                  "brainpadmap": "voxel-wise brain-PAD (years)"}
 #: desc labels of models whose relevance map is a top-20 % Grad-CAM map (seed 003 vgg-cbv)
 _GRADCAM_MODELS = ("vggcbv",)
+#: desc label and slice suffixes of the diffusion-ae reconstruction (seed 001)
+_DIFFUSION_AE_DESC = "diffusionae"
+_DIFFUSION_AE_SLICES = ("inputslice", "reconslice", "reconerrorslice")
 
 
 # --------------------------------------------------------------------------- inputs
@@ -633,12 +639,122 @@ def _html_provenance(sidecar: Path) -> str:
         return ""
     items = []
     for model, entry in provenance.items() if isinstance(provenance, dict) else ():
-        if not isinstance(entry, dict):
+        # branches and stacks (vgg-cbv); diffusion-ae's numbers have a section of their own
+        if not isinstance(entry, dict) or not {"Branches", "Stack"} & set(entry):
             continue
         text = f"{model}: branches {entry.get('Branches', '?')}, stack {entry.get('Stack', '?')}"
         notes = [str(n) for n in entry.get("Notes") or []]
         items.append(f"<li>{_e(text)}{_e('; ' + '; '.join(notes)) if notes else ''}</li>")
     return f"<ul class=\"provenance\">{''.join(items)}</ul>" if items else ""
+
+
+def _read_provenance(sidecar: Path, model: str) -> dict[str, Any]:
+    """``ModelProvenance.<model>`` of a ``_brainage.json`` ({} when absent or unreadable)."""
+    try:
+        entry = json.loads(sidecar.read_text(encoding="utf-8")).get("ModelProvenance", {})[model]
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
+        return {}
+    return entry if isinstance(entry, dict) else {}
+
+
+def _brainage_row(path: Path | None, model: str) -> dict[str, float | None]:
+    """One model's ``brain_age``, ``brain_age_lower`` and ``brain_age_upper`` ({} if absent)."""
+    if path is None:
+        return {}
+    import pandas as pd
+
+    try:
+        table = pd.read_csv(path, sep="\t", na_values=["n/a"], keep_default_na=False)
+    except (OSError, ValueError):
+        return {}
+    if "model" not in table.columns:
+        return {}
+    rows = table[table["model"] == model].to_dict("records")
+    if not rows:
+        return {}
+    return {k: (None if pd.isna(rows[0].get(k)) else float(rows[0][k]))
+            for k in ("brain_age", "brain_age_lower", "brain_age_upper") if k in rows[0]}
+
+
+def _slice_data(img: nib.spatialimages.SpatialImage) -> np.ndarray:
+    data = np.asanyarray(img.dataobj).astype(float)
+    return data[:, :, 0] if data.ndim == 3 and data.shape[2] == 1 else data
+
+
+def _html_diffusion_ae(output_dir: Path, files: _UnitFiles) -> str:
+    """The diffusion-ae section: brain age with its Monte-Carlo dropout interval, the
+    reconstruction quality and the figure of the input slice, its reconstruction and their
+    difference; empty when this unit has no diffusion-ae result."""
+    source = files.source
+    paths = {suffix: derivative_path(output_dir, source, space=TEMPLATE_SPACE,
+                                     desc=_DIFFUSION_AE_DESC, suffix=suffix)
+             for suffix in _DIFFUSION_AE_SLICES}
+    table = files.get("brainage")
+    provenance = _read_provenance(table.with_suffix(".json"), "diffusion-ae") if table else {}
+    row = _brainage_row(table, "diffusion-ae")
+    present = all(p.is_file() for p in paths.values())
+    if not (row or provenance or present):
+        return ""
+    lines = ["<h3>Diffusion autoencoder (diffusion-ae)</h3>", "<table class=\"meta\">"]
+
+    def add(name: str, value: str) -> None:
+        lines.append(f"<tr><td>{_e(name)}</td><td>{_e(value)}</td></tr>")
+
+    folds = provenance.get("Folds") or []
+    if row.get("brain_age") is not None:
+        add(f"Brain age (mean of {len(folds) or '?'} fold network(s))",
+            f"{_fmt(row['brain_age'])} years")
+    views = [v for v in provenance.get("ViewsZmm") or [] if _number(v) is not None]
+    if views:
+        add("Axial slices predicted from (MNI z)",
+            f"{_fmt(views[0])} mm (medial)" + "".join(f", {_fmt(v)} mm" for v in views[1:]))
+    samples = provenance.get("MCDropoutSamplesPerFold") or 0
+    if row.get("brain_age_lower") is not None and row.get("brain_age_upper") is not None:
+        how = (f"Monte-Carlo dropout of the age MLP, {samples} passes x {len(folds)} folds pooled"
+               if samples else "spread of the fold networks")
+        add(f"95% interval ({how})",
+            f"[{_fmt(row['brain_age_lower'])}, {_fmt(row['brain_age_upper'])}] years")
+    if _number(provenance.get("MCDropoutSD")) is not None:
+        add("SD of the Monte-Carlo dropout passes", f"{_fmt(provenance['MCDropoutSD'], 2)} years")
+    rec = provenance.get("Reconstruction") if isinstance(provenance.get("Reconstruction"),
+                                                         dict) else {}
+    if rec:
+        where = f"fold {rec.get('Fold', '?')}, {rec.get('DDIMSteps', '?')} DDIM steps"
+        if _number(rec.get("SSIM")) is not None:
+            add(f"Reconstruction SSIM ({where})", _fmt(rec["SSIM"], 4))
+        if "PSNR" in rec:  # null: an exact reconstruction (infinite PSNR)
+            psnr = _number(rec["PSNR"])
+            add("Reconstruction PSNR", "infinite (exact)" if psnr is None else f"{_fmt(psnr, 2)} dB")
+        cv = rec.get("CrossValidation") if isinstance(rec.get("CrossValidation"), dict) else {}
+        if _number(cv.get("ssim_mean")) is not None:
+            text = f"SSIM {_fmt(cv['ssim_mean'], 4)} ± {_fmt(_number(cv.get('ssim_sd')), 4)}"
+            if _number(cv.get("psnr_db_mean")) is not None:
+                text += (f", PSNR {_fmt(cv['psnr_db_mean'], 2)} ± "
+                         f"{_fmt(_number(cv.get('psnr_db_sd')), 2)} dB")
+            add(f"Held-out reconstructions in cross-validation "
+                f"({cv.get('held_out_scans', '?')} scans)", text)
+    for note in provenance.get("Notes") or []:
+        add("Note", str(note))
+    lines.append("</table>")
+    if present:
+        def render() -> tuple[Path, None]:
+            data = {suffix: _slice_data(_fig.load_3d(path)) for suffix, path in paths.items()}
+            fig = _fig.plot_slice_row(
+                [("input slice", data["inputslice"]), ("reconstruction", data["reconslice"]),
+                 ("|reconstruction - input|", data["reconerrorslice"])], diff_index=2)
+            return _fig.save_figure(fig, _fig_path(output_dir, source, space=TEMPLATE_SPACE,
+                                                   desc=_DIFFUSION_AE_DESC,
+                                                   suffix="reconslice")), None
+        caption = ("The network input of diffusion-ae (the medial axial slice of the T1w in "
+                   "template space, normalised to [0, 1]), its DDIM reconstruction by the "
+                   "diffusion autoencoder (encoded to its semantic latent and stochastic code, "
+                   "then decoded) and their absolute difference (colour bar). Anterior is up, "
+                   "the participant's left on the left. A reconstruction that misses anatomy "
+                   "(low SSIM, bright difference) marks a scan unlike the training scans: its "
+                   "brain age deserves less trust.")
+        lines.append(_html_figure(output_dir, _render(
+            "diffusion-ae: input slice, reconstruction and difference", caption, render)))
+    return "\n".join(lines)
 
 
 def _html_figure(output_dir: Path, figure: _Figure) -> str:
@@ -666,6 +782,7 @@ def _html_unit(output_dir: Path, files: _UnitFiles, row: Mapping[str, Any]) -> s
                      "<p>See the Errors section below.</p></div>")
     parts.append(_html_summary_table(row))
     parts.append(_html_brainage(files.get("brainage")))
+    parts.append(_html_diffusion_ae(output_dir, files))
     for figure in _unit_figures(output_dir, files, _similarity_text(row)):
         parts.append(_html_figure(output_dir, figure))
     parts.append("</section>")

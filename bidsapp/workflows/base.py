@@ -24,7 +24,8 @@ def workflow_name() -> str:
 def init_single_t1w_wf(*, unit: T1wUnit, output_dir: Path, omp_nthreads: int = 1,
                        random_seed: int = 0, vbm_fwhm: float | None = None,
                        models: Sequence[str] = (), device: str = "cpu",
-                       cbv_model: Path | None = None) -> pe.Workflow:
+                       cbv_model: Path | None = None,
+                       ddim_steps: int | None = None) -> pe.Workflow:
     """Preprocess one T1w, run the brain-age models on it and write its derivatives.
 
     Parameters
@@ -36,7 +37,7 @@ def init_single_t1w_wf(*, unit: T1wUnit, output_dir: Path, omp_nthreads: int = 1
     omp_nthreads : int
         Threads per process.
     random_seed : int
-        Seed for ANTs and deepbet.
+        Seed for ANTs, deepbet and the Monte-Carlo dropout masks of ``diffusion-ae``.
     vbm_fwhm : float, optional
         Also write smoothed modulated tissue maps with this FWHM (mm).
     models : sequence of str
@@ -45,6 +46,9 @@ def init_single_t1w_wf(*, unit: T1wUnit, output_dir: Path, omp_nthreads: int = 1
         Torch device of the models.
     cbv_model : Path, optional
         CBV synthesis checkpoint for the CBV branch of ``vgg-cbv`` (``--cbv-model``).
+    ddim_steps : int, optional
+        DDIM steps of the ``diffusion-ae`` reconstruction (``--ddim-steps``; default: the
+        model card's).
 
     Returns
     -------
@@ -68,7 +72,8 @@ def init_single_t1w_wf(*, unit: T1wUnit, output_dir: Path, omp_nthreads: int = 1
         from .models import MODEL_INPUT_FIELDS, init_models_wf
 
         models_wf = init_models_wf(models=models, device=device, omp_nthreads=omp_nthreads,
-                                   age=unit.info.age, sex=unit.info.sex, cbv_model=cbv_model)
+                                   age=unit.info.age, sex=unit.info.sex, cbv_model=cbv_model,
+                                   ddim_steps=ddim_steps, random_seed=random_seed)
         # a separate sink: a failing model must not withhold the preprocessing derivatives
         ds_brainage = pe.Node(BrainAgeSink(base_directory=str(output_dir), source_file=str(unit.path),
                                            relpath=unit.relpath,
@@ -84,7 +89,8 @@ def init_single_t1w_wf(*, unit: T1wUnit, output_dir: Path, omp_nthreads: int = 1
 def init_brainage_wf(*, units: Sequence[T1wUnit], output_dir: Path, work_dir: Path,
                      omp_nthreads: int = 1, random_seed: int = 0,
                      vbm_fwhm: float | None = None, models: Sequence[str] = (),
-                     device: str = "cpu", cbv_model: Path | None = None) -> pe.Workflow:
+                     device: str = "cpu", cbv_model: Path | None = None,
+                     ddim_steps: int | None = None) -> pe.Workflow:
     """The participant-level workflow over all selected T1w images.
 
     Parameters
@@ -93,7 +99,7 @@ def init_brainage_wf(*, units: Sequence[T1wUnit], output_dir: Path, work_dir: Pa
         T1w images to process.
     output_dir, work_dir : Path
         Derivatives root and nipype cache root.
-    omp_nthreads, random_seed, vbm_fwhm, models, device, cbv_model
+    omp_nthreads, random_seed, vbm_fwhm, models, device, cbv_model, ddim_steps
         See :func:`init_single_t1w_wf`.
     """
     workflow = pe.Workflow(name=workflow_name(), base_dir=str(work_dir))
@@ -101,5 +107,6 @@ def init_brainage_wf(*, units: Sequence[T1wUnit], output_dir: Path, work_dir: Pa
         workflow.add_nodes([init_single_t1w_wf(unit=unit, output_dir=output_dir,
                                                omp_nthreads=omp_nthreads, random_seed=random_seed,
                                                vbm_fwhm=vbm_fwhm, models=models,
-                                               device=device, cbv_model=cbv_model)])
+                                               device=device, cbv_model=cbv_model,
+                                               ddim_steps=ddim_steps)])
     return workflow

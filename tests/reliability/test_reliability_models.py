@@ -1,4 +1,5 @@
-"""Reliability: model weights, checked before any processing (exit 65, naming the file).
+"""Reliability: model weights, checked before any processing (exit 65, naming the file), and the
+model options --cbv-model and --ddim-steps (exit 64/65/66, nothing written).
 
 Already covered and not repeated: an unknown model id (``--models resnet``, exit 64) and
 ``--device cuda`` without a GPU (exit 64) in tests/cli/test_exit_codes.py; the sha256 and
@@ -126,4 +127,39 @@ def test_missing_cbv_model_file_is_66(dataset, tmp_path, capsys, models):
     code, err = _run_cbv(capsys, dataset, tmp_path, tmp_path / "absent.pt", "all")
     line = one_error_line(err)
     assert code == 66 and f"--cbv-model file {tmp_path / 'absent.pt'} does not exist" in line
+    _assert_refused(tmp_path)
+
+
+# --ddim-steps: the DDIM steps of the diffusion-ae reconstruction, refused up front (nothing
+# written) when they are not an integer >= 1, when diffusion-ae does not run, or when the
+# installed model's diffusion has fewer timesteps
+
+@pytest.mark.parametrize("steps", ["0", "-5"])
+def test_ddim_steps_below_one_is_64(dataset, tmp_path, capsys, models, steps):
+    code, err = run_brainage(capsys, dataset, tmp_path / "out", "--models", "all",
+                             "--ddim-steps", steps)
+    line = one_error_line(err)
+    assert code == 64 and f"--ddim-steps must be an integer >= 1 (the DDIM steps of the " \
+                          f"diffusion-ae reconstruction), got {steps}" in line
+    assert "leave it out for the model card's value" in line
+    _assert_refused(tmp_path)
+
+
+def test_ddim_steps_for_models_without_diffusion_ae_is_64(dataset, tmp_path, capsys, models):
+    code, err = run_brainage(capsys, dataset, tmp_path / "out", "--models", "densenet-clinical",
+                             "--ddim-steps", "20")
+    line = one_error_line(err)
+    assert code == 64 and "--ddim-steps sets the reconstruction of diffusion-ae, which --models " \
+                          "densenet-clinical does not run" in line
+    _assert_refused(tmp_path)
+
+
+def test_ddim_steps_beyond_the_model_timesteps_is_64(dataset, tmp_path, capsys, models,
+                                                      tiny_diffusion_ae):
+    shutil.copytree(tiny_diffusion_ae[0], models, dirs_exist_ok=True)
+    code, err = run_brainage(capsys, dataset, tmp_path / "out", "--models", "diffusion-ae",
+                             "--ddim-steps", "101")
+    line = one_error_line(err)
+    assert code == 64 and f"--ddim-steps 101 exceeds the 100 diffusion timesteps of the " \
+                          f"diffusion-ae model in {models}; use at most 100" in line
     _assert_refused(tmp_path)

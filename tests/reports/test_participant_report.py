@@ -143,6 +143,62 @@ def test_gradcam_map_of_vgg_cbv_gets_its_own_figure(tmp_path):
     assert figure.is_file() and figure.relative_to(tmp_path).as_posix() in section
 
 
+def test_diffusion_ae_section_shows_the_slices_and_the_numbers(tmp_path):
+    import numpy as np
+    from nilearn import datasets
+
+    from bidsapp.inference.diffusion_ae import slice_image
+    from bidsapp.transforms.mni_slice import MNISliceSpec, prepare_slice_views
+
+    write_unit(tmp_path, RUN1, qc=QC1, parts=("mni",))
+    spec = MNISliceSpec(grid_size=65, size=48)
+    brain = prepare_slice_views(datasets.load_mni152_template(resolution=2), spec)[0]
+    recon = np.clip(brain + 0.05 * np.sin(np.arange(48))[:, None], 0, 1)
+    for suffix, data in (("inputslice", brain), ("reconslice", recon),
+                         ("reconerrorslice", np.abs(recon - brain))):
+        path = derivative_path(tmp_path, RUN1, space="MNI152NLin2009aSym", desc="diffusionae",
+                               suffix=suffix)
+        slice_image(data, spec).to_filename(path)
+    provenance = {"diffusion-ae": {
+        "Folds": [0, 1, 2], "MCDropoutSamplesPerFold": 50, "MCDropoutSD": 3.456, "Notes": [],
+        "ViewsZmm": [22.73, 18.35, 27.11],
+        "Reconstruction": {"Fold": 0, "DDIMSteps": 100, "SSIM": 0.91234, "PSNR": 27.5,
+                           "CrossValidation": {"held_out_scans": 134, "ssim_mean": 0.9,
+                                               "ssim_sd": 0.02, "psnr_db_mean": 26.0,
+                                               "psnr_db_sd": 1.5}}},
+        "vgg-cbv": {"Branches": "T1w", "Stack": "T", "Notes": []}}
+    write_brainage_table(derivative_path(tmp_path, RUN1, suffix="brainage", extension=".tsv"), [
+        {"model": "diffusion-ae", "brain_age": 61.04, "brain_age_lower": 52.5,
+         "brain_age_upper": 70.25, "age": 60.0},
+        {"model": "vgg-cbv", "brain_age": 58.0, "age": 60.0}], provenance=provenance)
+    text = generate_participant_report(tmp_path, "01", run_uuid="r").read_text(encoding="utf-8")
+    section = _sections(text)["sub-01_ses-A_run-1"]
+    start = section.index("<h3>Diffusion autoencoder (diffusion-ae)</h3>")
+    dae = section[start:section.index("</figure>", start)]  # up to the end of its figure
+    cells = dict(re.findall(r"<tr><td>(.*?)</td><td>(.*?)</td></tr>", dae))
+    assert cells["Brain age (mean of 3 fold network(s))"] == "61.0 years"
+    assert cells["95% interval (Monte-Carlo dropout of the age MLP, 50 passes x 3 folds "
+                 "pooled)"] == "[52.5, 70.2] years"
+    assert cells["SD of the Monte-Carlo dropout passes"] == "3.46 years"
+    assert cells["Axial slices predicted from (MNI z)"] == "22.7 mm (medial), 18.4 mm, 27.1 mm"
+    assert cells["Reconstruction SSIM (fold 0, 100 DDIM steps)"] == "0.9123"
+    assert cells["Reconstruction PSNR"] == "27.50 dB"
+    assert cells["Held-out reconstructions in cross-validation (134 scans)"] == \
+        "SSIM 0.9000 ± 0.0200, PSNR 26.00 ± 1.50 dB"
+    # one figure of the three slices in a row, in the participant's figures folder
+    (src,) = re.findall(r'<img src="([^"]+)"', dae)
+    assert src.startswith("sub-01/figures/sub-01_ses-A_run-1_space-MNI152NLin2009aSym_"
+                          "desc-diffusionae_reconslice.")
+    assert (tmp_path / src).is_file()
+    if src.endswith(".svg"):
+        # three panels and the colour bar of the difference
+        assert len(ET.parse(tmp_path / src).getroot().findall(".//{*}image")) == 4
+    assert "input slice, reconstruction and difference" in dae
+    # the provenance list names vgg-cbv's stack; diffusion-ae's numbers are in its own section
+    assert "<li>vgg-cbv: branches T1w, stack T</li>" in section
+    assert "diffusion-ae: branches" not in section
+
+
 def test_failed_units_say_what_is_missing(report):
     _, _, text = report
     sections = _sections(text)

@@ -13,7 +13,8 @@ from matplotlib.figure import Figure
 
 from bidsapp.errors import ImageError
 from bidsapp.reports.figures import (Contour, Overlay, crop_to_mask, cuts_from_mask, load_3d,
-                                     plot_mosaic, plot_overlay, robust_range, save_figure)
+                                     plot_mosaic, plot_overlay, plot_slice_row, robust_range,
+                                     save_figure)
 
 
 def _cube_mask(shape=(20, 20, 20), lo=5, hi=10, affine=None) -> nib.Nifti1Image:
@@ -189,3 +190,21 @@ def test_oblique_images_are_drawn_in_world_space():
     mask = nib.Nifti1Image(data.astype(np.uint8), affine)
     fig = plot_mosaic(oblique, cuts=cuts_from_mask(mask, 3), contours=[Contour(mask, "#ff0000")])
     assert _red_pixels(fig) > 50
+
+
+def test_slice_row_draws_anterior_up_and_rejects_volumes():
+    plane = np.zeros((10, 14))
+    plane[:, -3:] = 1.0  # anterior rows (largest y) bright
+    fig = plot_slice_row([("a", plane), ("b", plane[:, :, None]), ("d", 0.5 * plane)],
+                         diff_index=2, title="row")
+    axes = fig.axes
+    assert len(axes) == 4 and [ax.get_title() for ax in axes[:3]] == ["a", "b", "d"]
+    image = axes[0].get_images()[0]
+    shown = np.asarray(image.get_array())
+    assert shown.shape == (14, 10) and image.origin == "lower"
+    assert shown[-1].max() == 1.0 and shown[0].max() == 0.0  # y up: anterior at the top
+    assert axes[2].get_images()[0].get_cmap().name == "inferno"
+    with pytest.raises(ValueError, match="not a 2D slice"):
+        plot_slice_row([("volume", np.zeros((4, 4, 4)))])
+    with pytest.raises(ValueError, match="at least one"):
+        plot_slice_row([])

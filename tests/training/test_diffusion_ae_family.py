@@ -156,7 +156,7 @@ def trained(synthetic, tmp_path_factory):
     """2 folds x 6 epochs of a tiny diffusion-ae on 32^2 slices, half the training ages hidden."""
     root = tmp_path_factory.mktemp("dae")
     result = run_training(load_config(_config(synthetic, root, {"hide_age_fraction": 0.5,
-                                                                "ddim_steps": 10})))
+                                                                "ddim_steps": 10, "mc_samples": 5})))
     return root, result
 
 
@@ -224,6 +224,7 @@ def test_card_and_hidden_ages_per_fold(trained):
     parts = card["architecture"]["n_parameters_by_part"]
     assert sum(parts.values()) == card["architecture"]["n_parameters"]
     assert card["prediction"]["views"] == "all"
+    assert "Monte-Carlo dropout" in card["prediction"]["interval"]
     # the card's metrics are of the mean over the 3 prepared slices; the medial slice alone too
     medial = card["prediction"]["medial_slice_only"]["metrics"]
     evaluations = [json.loads((root / "work" / f"fold{k}" / "evaluation.json").read_text())
