@@ -22,7 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from _timing import best_of  # noqa: E402
+from _timing import add_mni_scan_arguments, best_of, mni_scan  # noqa: E402
 
 #: Target of the diffusion-ae issue: inference + reconstruction per scan on CPU.
 TARGET_S = 20.0
@@ -30,25 +30,15 @@ TARGET_S = 20.0
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models-dir", type=Path, default=REPO / "models")
-    parser.add_argument("--derivatives", type=Path, default=REPO.parent / "derivs" / "ixi")
-    parser.add_argument("--std-t1w", type=Path)
+    add_mni_scan_arguments(parser, REPO)
     parser.add_argument("--ddim-steps", type=int, nargs="+", default=[100, 50, 20])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     args = parser.parse_args(argv)
 
     import torch
 
     from bidsapp.inference.diffusion_ae import DiffusionAEPredictor
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    scan = args.std_t1w or next(iter(sorted(args.derivatives.glob(
-        "sub-*/anat/sub-*_space-MNI152NLin2009aSym_res-2_desc-preproc_T1w.nii.gz"))), None)
-    if scan is None:
-        raise SystemExit(f"no MNI-space T1w under {args.derivatives}: pass --std-t1w")
+    scan = mni_scan(args)
     t_load, predictor = best_of(
         lambda: DiffusionAEPredictor.from_models_dir(args.models_dir, args.device), args.repeats)
     t_prep, views = best_of(lambda: predictor.prepare(scan), args.repeats)
