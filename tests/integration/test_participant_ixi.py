@@ -192,3 +192,13 @@ def test_shipped_models_predict(ixi_run):
         assert data[mask].sum() > 0 and np.all(data[~mask] == 0)
         report = (ixi_run["out"] / f"sub-{SUBJECT}.html").read_text()
         assert "densenet-clinical" in report and "densenetclinical_relevancemap" in report
+    if "diffusion-ae" in shipped:
+        stem = f"sub-{SUBJECT}_space-MNI152NLin2009aSym_desc-diffusionae"
+        source = nib.load(anat / f"{stem}_inputslice.nii.gz")
+        recon = nib.load(anat / f"{stem}_reconslice.nii.gz")
+        assert source.shape == recon.shape and np.allclose(source.affine, recon.affine)
+        meta = json.loads((anat / f"{stem}_reconslice.json").read_text())
+        # a real adult's slice: the autoencoder reconstructs it well (held-out SSIM 0.94)
+        assert 0.7 < meta["SSIM"] <= 1.0 and meta["PSNR"] > 25
+        report = (ixi_run["out"] / f"sub-{SUBJECT}.html").read_text()
+        assert "diffusionae_reconslice" in report
