@@ -66,6 +66,19 @@ def test_every_shipped_weight_file_has_its_card_next_to_it():
     assert not list((REPO / "models").glob("*.json")), "a card outside its model folder"
 
 
+def test_every_shipped_checkpoint_is_at_most_50_mb_and_loads_weights_only():
+    shipped = sorted((REPO / "models").rglob("*.pt"))
+    if not shipped:
+        pytest.skip("no model weights in this checkout")
+    too_big = [f"{p.relative_to(REPO)}: {p.stat().st_size / 1e6:.1f} MB" for p in shipped
+               if p.stat().st_size > 50 * 1024 ** 2]
+    assert not too_big
+    for path in shipped:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        tensors = [v for v in (state.get("model", state)).values() if torch.is_tensor(v)]
+        assert tensors and all(torch.isfinite(t.float()).all() for t in tensors), path
+
+
 def test_the_layout_check_finds_stray_tampered_and_missing_files(tmp_path):
     source = REPO / "models" / "densenet-clinical"
     if not (source / CARD_NAME).is_file():
