@@ -50,3 +50,17 @@ def run_models_into_sink(models_wf, tmp_path: Path, subject: str, age: float,
     wf.connect(models_wf, "outputnode.predictions", sink, "predictions")
     wf.run()
     return out / f"sub-{subject}" / "anat"
+
+
+def tampered_copy(models: Path, target: Path, model_id: str, entry: int = 1) -> Path:
+    """Copy the models folder ``models`` to ``target`` and flip one byte in the middle of the
+    weight file of the ``entry``-th weights entry of ``model_id``'s card; returns ``target``."""
+    from bidsapp.inference.registry import read_card
+
+    shutil.copytree(models, target)
+    card, folder = read_card(model_id, target)
+    weights = folder / card["weights"][entry]["file"]
+    raw = bytearray(weights.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    weights.write_bytes(bytes(raw))
+    return target

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -25,6 +24,7 @@ from bidsapp.inference.registry import read_card
 from bidsapp.nets import DiffusionAE, ddim_reconstruct, mc_dropout_age
 from bidsapp.transforms.mni_slice import MNISliceSpec, prepare_slice_views, view_affine
 from diffusion_ae_models import DDIM_STEPS, MC_SAMPLES, mni_t1w
+from model_workflows import tampered_copy
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -234,14 +234,8 @@ def test_card_without_mc_passes_gives_the_fold_interval(exported, caplog):
 
 def test_tampered_or_invalid_cards_are_refused(exported, tmp_path):
     models, _ = exported
-    shutil.copytree(models, tmp_path / "models")
-    card, folder = read_card("diffusion-ae", tmp_path / "models")
-    weights = folder / card["weights"][1]["file"]
-    raw = bytearray(weights.read_bytes())
-    raw[len(raw) // 2] ^= 0xFF
-    weights.write_bytes(bytes(raw))
     with pytest.raises(ModelError, match="fail the sha256 check"):
-        DiffusionAEPredictor.from_models_dir(tmp_path / "models")
+        DiffusionAEPredictor.from_models_dir(tampered_copy(models, tmp_path / "models", "diffusion-ae"))
     card, folder = read_card("diffusion-ae", models)
     with pytest.raises(ModelError, match="not a diffusion-ae model"):
         DiffusionAEPredictor({**card, "family": "mlens"}, folder)

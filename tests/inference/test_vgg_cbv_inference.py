@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -26,6 +25,7 @@ from bidsapp.inference.vgg_cbv import (VGGCBVPredictor, check_cbv_request, predi
 from bidsapp.nets import VGG8
 from bidsapp.templates import get_template
 from bidsapp.transforms.mni_affine import MNIAffineSpec, prepare_vgg_input
+from model_workflows import tampered_copy
 from vgg_cbv_models import add_cbv_branch, mni_t1w, write_cbv_checkpoint
 
 
@@ -116,14 +116,8 @@ def test_card_without_stack_coefficients_gives_the_plain_fold_mean(exported):
 
 def test_tampered_or_inconsistent_cards_are_refused(exported, tmp_path):
     models, _ = exported
-    shutil.copytree(models, tmp_path / "models")
-    card, folder = read_card("vgg-cbv", tmp_path / "models")
-    weights = folder / card["weights"][1]["file"]
-    raw = bytearray(weights.read_bytes())
-    raw[len(raw) // 2] ^= 0xFF
-    weights.write_bytes(bytes(raw))
     with pytest.raises(ModelError, match="fail the sha256 check"):
-        VGGCBVPredictor.from_models_dir(tmp_path / "models")
+        VGGCBVPredictor.from_models_dir(tampered_copy(models, tmp_path / "models", "vgg-cbv"))
     card, folder = read_card("vgg-cbv", models)
     with pytest.raises(ModelError, match="not a vgg-cbv model"):
         VGGCBVPredictor({**card, "family": "mlens"}, folder)
