@@ -158,20 +158,15 @@ def slice_image(data: np.ndarray, spec: MNISliceSpec, view: int = 0):
     Returns
     -------
     nibabel.Nifti1Image
-        float32, shape ``(size, size, 1)``; the affine is :func:`view_affine` with the third
-        column set to one plane of the resampling cube (``view_affine`` leaves it zero, which
-        no NIfTI reader accepts).
+        float32, shape ``(size, size, 1)``; the affine is :func:`view_affine` (one plane of
+        the resampling cube thick).
     """
     from ..anat.grid import new_image
-    from ..transforms.mni_pruned import _SOURCE_RES, _template
 
     data = np.asarray(data, dtype=np.float32)
     if data.shape != (spec.size, spec.size):
         raise ValueError(f"expected a ({spec.size}, {spec.size}) slice, got {data.shape}")
-    affine = view_affine(spec, view).copy()
-    tpl = _template(_SOURCE_RES)
-    affine[:3, 2] = tpl.affine[:3, 2] * tpl.shape[2] / spec.grid_size
-    return new_image(data[:, :, None], affine)
+    return new_image(data[:, :, None], view_affine(spec, view))
 
 
 @dataclass(frozen=True)

@@ -136,7 +136,8 @@ def view_affine(spec: MNISliceSpec, view: int = 0) -> np.ndarray:
 
     The cube resampling followed by the resize is the same as sampling the template's field of
     view on a ``size`` x ``size`` grid: pixel ``i`` lies at template voxel
-    ``(i + 0.5) * n / size - 0.5``.
+    ``(i + 0.5) * n / size - 0.5``.  The third column is one plane of the resampling cube, so
+    the affine is invertible and serves as the affine of a one-plane NIfTI image of the view.
 
     Examples
     --------
@@ -153,7 +154,7 @@ def view_affine(spec: MNISliceSpec, view: int = 0) -> np.ndarray:
     z_index = _cube_to_template(slice_planes(spec)[view], nz, spec.grid_size)
     pixel_to_voxel = np.array([[nx / spec.size, 0, 0, 0.5 * nx / spec.size - 0.5],
                                [0, ny / spec.size, 0, 0.5 * ny / spec.size - 0.5],
-                               [0, 0, 0, z_index],
+                               [0, 0, nz / spec.grid_size, z_index],
                                [0, 0, 0, 1.0]])
     return tpl.affine @ pixel_to_voxel
 

@@ -46,6 +46,8 @@ def test_medial_plane_is_a_fixed_mni_z_and_the_affine_maps_pixels_to_it():
                                + [0, 0, z - tpl.affine[2, 3]])
     assert last[0] - first[0] == pytest.approx(127 * 2.0 * 99 / 128)
     assert last[2] == pytest.approx(z)
+    # invertible: the third axis is one plane of the 130-plane cube over the template's 95 planes
+    assert affine[2, 2] == pytest.approx(2.0 * 95 / 130) and abs(np.linalg.det(affine)) > 0
 
 
 def test_marker_in_the_medial_plane_is_found_at_its_position():
