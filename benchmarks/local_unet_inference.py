@@ -11,10 +11,12 @@ to a temporary folder: the time of a forward pass does not depend on the weight 
 numbers hold for trained weights of that architecture.  The input is the participant-level
 modulated GM/WM maps of the first participant under ``--derivatives``.
 
-Printed (best of ``--repeats``): load (sha256 + ``torch.load`` of every fold), prepare (read,
+Printed (each stage once, in this fresh process, as in a participant's model node; best of
+``--repeats`` otherwise): load (sha256 + ``torch.load`` of every fold), prepare (read,
 smooth, resample, crop), predict (tiling every fold network over the brain mask: brain-age and
 SD maps, global value and interval), maps (the 2 mm template-grid brain-age, SD and PAD images
-written as NIfTI) and the Harvard-Oxford ROI table; ``total_s`` = their sum and its ratio to the
+written as NIfTI) and the Harvard-Oxford ROI table (atlas resampling included, as in a fresh
+participant process); ``total_s`` = their sum and its ratio to the
 60 s target of issue #8.
 """
 
@@ -82,7 +84,9 @@ def main(argv=None) -> int:
     parser.add_argument("--folds", type=int, default=5, help="networks of the untrained card")
     parser.add_argument("--derivatives", type=Path, default=REPO.parent / "derivs" / "ixi")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="best of N; N > 1 times later calls with warm caches (template, "
+                             "atlas), which a participant's fresh model process does not have")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     args = parser.parse_args(argv)
 
@@ -113,7 +117,15 @@ def main(argv=None) -> int:
             return images
 
         maps_s, images = best_of(write_maps, args.repeats)
-        roi_s, table = best_of(lambda: roi_table(images["brainagemap"], 50.0), args.repeats)
+        # a participant's model node is a fresh process: time the ROI table with the atlas
+        # resampled to the map grid (cached after the first call within a process)
+        from bidsapp import atlases
+
+        def roi():
+            atlases._resampled.cache_clear()
+            return roi_table(images["brainagemap"], 50.0)
+
+        roi_s, table = best_of(roi, args.repeats)
     total = load_s + prepare_s + predict_s + maps_s + roi_s
     report = {"weights": "shipped" if shipped else f"untrained networks of {args.config.name}",
               "scan": f"{anat}/{prefix}", "device": args.device,

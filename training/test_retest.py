@@ -254,6 +254,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--omp-nthreads", type=int, default=1)
     parser.add_argument("--vbm-fwhm", type=float, default=4.0,
                         help="smoothed modulated GM/WM maps (their voxel ICC is the group level's)")
+    parser.add_argument("--n-perm", type=int, default=100,
+                        help="group-level permutations (the ICCs do not use them)")
     args = parser.parse_args(argv)
     bids = args.work_dir / "bids"
     out = args.work_dir / "derivatives"
@@ -265,11 +267,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     subprocess.run([sys.executable, "-m", "bidsapp", str(bids), str(out), "participant",
                     "--models", *args.models, "--vbm-fwhm", str(args.vbm_fwhm),
                     "--nprocs", str(args.nprocs), "--omp-nthreads", str(args.omp_nthreads),
-                    "-w", str(args.work_dir / "work"), "--skip-bids-validation"], check=True)
+                    "-w", str(args.work_dir / "work")], check=True)
     participant_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-m", "bidsapp", str(bids), str(out), "group",
-                    "--skip-bids-validation"], check=True)
+                    "--n-perm", str(args.n_perm)], check=True)
     group_s = time.perf_counter() - t0
     result = {"participant_seconds": participant_s, "group_seconds": group_s,
               "scans": 2 * len(picked)}
