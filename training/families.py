@@ -441,6 +441,9 @@ class LocalUNetFamily(ModelFamily):
     (random blocks per training scan and epoch) and ``val_blocks`` (0: validate on the tiled
     map; n: on n fixed blocks per scan), and the inference keys ``mc_samples`` (Monte-Carlo
     dropout samples per fold network, 0 = off) and ``tile_stride`` (default: the output side).
+    ``standardize_input`` (default false, the paper's raw maps) makes each fold network carry
+    the voxelwise mean and SD of its training scans' inputs and see voxelwise z-scores
+    (:meth:`bidsapp.nets.LocalUNet.standardize`).
     ``[input]`` holds :class:`bidsapp.transforms.modulated.ModulatedInputSpec` keys.
     """
 
@@ -450,7 +453,7 @@ class LocalUNetFamily(ModelFamily):
     _NET_KEYS = {"init_channels", "depth", "convs_per_scale", "se", "se_reduction", "dropout",
                  "negative_slope"}
     _RUN_KEYS = {"block_size", "aux_weights", "aux_decay_epochs", "blocks_per_scan",
-                 "val_blocks", "mc_samples", "tile_stride"}
+                 "val_blocks", "mc_samples", "tile_stride", "standardize_input"}
 
     def __init__(self, model_params: Mapping[str, Any], input_params: Mapping[str, Any]) -> None:
         from bidsapp.nets.local_unet import local_unet_sizes
@@ -494,7 +497,15 @@ class LocalUNetFamily(ModelFamily):
     def net_kwargs(self) -> dict[str, Any]:
         """Constructor arguments of :class:`bidsapp.nets.LocalUNet` (JSON-serialisable)."""
         p = self.model_params
-        return {"spatial_dims": 3, "in_channels": 2, "out_channels": 1,
+        standardize = p.get("standardize_input", False)
+        if not isinstance(standardize, bool):
+            raise ValueError(f"model.standardize_input must be true or false, got {standardize!r}")
+        extra = {}
+        if standardize:
+            from bidsapp.transforms.modulated import MODULATED_TISSUES, brain_mask
+
+            extra["input_shape"] = [len(MODULATED_TISSUES), *brain_mask(self.spec).shape]
+        return {**extra, "spatial_dims": 3, "in_channels": 2, "out_channels": 1,
                 "init_channels": int(p.get("init_channels", 64)), "depth": int(p.get("depth", 2)),
                 "convs_per_scale": int(p.get("convs_per_scale", 2)), "se": bool(p.get("se", True)),
                 "se_reduction": int(p.get("se_reduction", 16)),

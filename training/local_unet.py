@@ -32,7 +32,7 @@ from .data import InputCache, ScanRecord
 from .evaluate import regression_metrics
 from .trainer import Trainer
 
-__all__ = ["LocalUNetTrainer", "aux_loss_weights", "evaluate_local_unet",
+__all__ = ["LocalUNetTrainer", "aux_loss_weights", "input_statistics", "evaluate_local_unet",
            "local_unet_card_extras"]
 
 LOGGER = logging.getLogger("brainage.training")
@@ -62,18 +62,77 @@ def _scan_seed(seed: int, key: str) -> list[int]:
     return [int(seed), zlib.crc32(key.encode())]
 
 
+def input_statistics(views, mask: np.ndarray, floor_fraction: float = 0.2):
+    """Voxelwise mean and SD of prepared inputs, the SD floored for :meth:`LocalUNet.standardize`.
+
+    Parameters
+    ----------
+    views : iterable of ndarray, shape (C, X, Y, Z)
+        The prepared inputs of the training scans.
+    mask : ndarray of bool, shape (X, Y, Z)
+        Brain mask; the floor is ``floor_fraction`` x the median SD of each channel in it, so
+        that voxels that hardly vary (background) are not blown up into large z-scores.
+    floor_fraction : float
+
+    Returns
+    -------
+    (ndarray, ndarray)
+        float32 mean and SD, shape (C, X, Y, Z).
+
+    Examples
+    --------
+    >>> a, b = np.zeros((1, 2, 1, 1)), np.array([[[[2.0]], [[0.0]]]])
+    >>> mean, sd = input_statistics([a, b], np.ones((2, 1, 1), bool))
+    >>> mean.ravel().tolist(), sd.ravel().tolist()
+    ([1.0, 0.0], [1.0, 0.10000000149011612])
+    """
+    total = squares = None
+    n = 0
+    for view in views:
+        v = np.asarray(view, dtype=np.float64)
+        total = v.copy() if total is None else total + v
+        squares = v * v if squares is None else squares + v * v
+        n += 1
+    if not n:
+        raise ValueError("input statistics need at least one scan")
+    mean = total / n
+    sd = np.sqrt(np.maximum(squares / n - mean * mean, 0.0))
+    for c in range(sd.shape[0]):
+        inside = sd[c][mask]
+        floor = floor_fraction * (float(np.median(inside)) if inside.size else 0.0)
+        sd[c] = np.maximum(sd[c], floor if floor > 0 else 1.0)
+    return mean.astype(np.float32), sd.astype(np.float32)
+
+
 class LocalUNetTrainer(Trainer):
-    """:class:`~training.trainer.Trainer` for voxelwise targets and auxiliary losses."""
+    """:class:`~training.trainer.Trainer` for voxelwise targets and auxiliary losses.
+
+    A network with voxelwise input statistics (``model.standardize_input``) gets them from this
+    fold's training scans (a fine-tuned network keeps those it was trained with), and every
+    block it is trained and validated on is cut from the z-scored input.
+    """
 
     def initialize(self) -> None:
         super().initialize()
         family = self.family
+        self._inputs: dict[str, np.ndarray] = {}
+        net = self.network  # the module itself (self.model may be its DDP wrapper)
+        if getattr(net, "input_shape", None) is not None and self.init_state is None:
+            mean, sd = input_statistics((self.cache.views(r.key)[0] for r in self.train_records),
+                                        family.mask)
+            net.set_input_statistics(mean, sd)
         n_blocks = len(self.train_records) * family.blocks_per_scan
         world = self.dist.world_size
         size = min(self.config.optim.batch_size, n_blocks) // world * world
         self.steps_per_epoch = len(range(0, n_blocks - size + 1, size)) if size else 0
         self.aux_decay_steps = family.aux_decay_epochs * self.steps_per_epoch
         self.step = 0
+
+    def _input(self, key: str) -> np.ndarray:
+        """The network's input for one cached scan (z-scored when the network standardizes)."""
+        if key not in self._inputs:
+            self._inputs[key] = self.network.standardize(self.cache.views(key)[0])
+        return self._inputs[key]
 
     def on_epoch_start(self, epoch: int) -> None:
         super().on_epoch_start(epoch)
@@ -96,7 +155,7 @@ class LocalUNetTrainer(Trainer):
             for item in order[start:start + size][self.dist.rank::world]:
                 record = self.train_records[int(item) % n]
                 rng = np.random.default_rng([self.config.seed, self.fold, epoch, int(item)])
-                x, target, _ = sample_block(self.cache.views(record.key)[0], family.mask, rng,
+                x, target, _ = sample_block(self._input(record.key), family.mask, rng,
                                             family.in_size, family.out_size, family.mask_voxels)
                 xs.append(x.astype(np.float32))
                 ages.append(record.age)
@@ -148,6 +207,7 @@ class LocalUNetTrainer(Trainer):
                 preds.append(float(np.nanmean(age_map)))
             else:
                 origins = self._fixed_blocks(record.key)
+                data = self._input(record.key)
                 x = np.stack([crop_padded(data, o - family.margin, family.in_size)
                               for o in origins]).astype(np.float32)
                 out = self.network(torch.from_numpy(x).to(self.device)).float().cpu().numpy()[:, 0]

@@ -5,7 +5,8 @@ The model card ``local-unet/model_card.json`` (written by ``brainage-train`` wit
 (:mod:`bidsapp.transforms.modulated`), the block geometry and the fold weights
 (sha256-checked).  For one participant's modulated GM/WM maps:
 
-1. the input is prepared on the model's grid and cropped to the template brain box;
+1. the input is prepared on the model's grid and cropped to the template brain box (and
+   z-scored voxelwise with the training statistics each fold network carries, when it does);
 2. every fold network is tiled over the template brain mask (:func:`tiled_age_map`): output
    blocks of ``out_size`` voxels with stride ``tile_stride``, overlaps averaged;
 3. with ``mc_samples`` > 0 each fold network is run that many times with dropout active
@@ -54,7 +55,8 @@ def tiled_age_map(net: nn.Module, data: np.ndarray, mask: np.ndarray, in_size: i
     """Voxelwise brain age of one prepared input, tiled over ``mask``.
 
     The network is used in the mode it is in (eval, or Monte-Carlo dropout; see
-    :func:`bidsapp.nets.local_unet.enable_mc_dropout`).
+    :func:`bidsapp.nets.local_unet.enable_mc_dropout`).  A network that carries voxelwise input
+    statistics sees the z-scored input (:meth:`bidsapp.nets.LocalUNet.standardize`).
 
     Parameters
     ----------
@@ -74,6 +76,9 @@ def tiled_age_map(net: nn.Module, data: np.ndarray, mask: np.ndarray, in_size: i
         Years inside ``mask``, NaN elsewhere.
     """
     device = torch.device(device)
+    standardize = getattr(net, "standardize", None)
+    if standardize is not None:
+        data = standardize(data)
 
     def predict(x: np.ndarray) -> np.ndarray:
         return net(torch.from_numpy(x).to(device)).float().cpu().numpy()[:, 0]

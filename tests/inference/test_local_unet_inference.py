@@ -44,7 +44,7 @@ def trained(tmp_path_factory):
         "local-unet", bids, derivs, root / "work", root / "models", seed=1, folds=2,
         val_fraction=0.2,
         model={"init_channels": 2, "depth": 2, "convs_per_scale": 1, "block_size": 30,
-               "dropout": 0.2, "blocks_per_scan": 2, "val_blocks": 2},
+               "dropout": 0.2, "blocks_per_scan": 2, "val_blocks": 2, "standardize_input": True},
         inputs={"resolution_mm": 8.0}, optim={"lr": 1e-3, "batch_size": 2, "max_epochs": 1},
         export={"fp16": "never", "robustness_spacings_mm": [], "ridge_baseline": False}))
     run_training(load_config(cfg))

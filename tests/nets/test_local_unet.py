@@ -131,3 +131,31 @@ def test_monte_carlo_dropout():
         assert enable_mc_dropout(net) == 5  # after each of the five scales
         assert not net.training and not torch.equal(net(x), net(x))
     assert enable_mc_dropout(LocalUNet(init_channels=4)) == 0
+
+
+def test_input_statistics_travel_with_the_weights_and_z_score_the_input():
+    import numpy as np
+
+    shape = (2, 7, 6, 5)
+    rng = np.random.default_rng(0)
+    mean, sd = rng.normal(size=shape), rng.uniform(0.5, 2.0, size=shape)
+    net = LocalUNet(init_channels=2, depth=1, convs_per_scale=1, input_shape=shape)
+    assert {"input_mean", "input_std"} <= set(net.state_dict())
+    net.set_input_statistics(mean, sd)
+    # a second network gets them from the state dict alone (as a shipped checkpoint does)
+    other = LocalUNet(init_channels=2, depth=1, convs_per_scale=1, input_shape=shape)
+    other.load_state_dict(net.state_dict())
+    data = rng.normal(size=shape)
+    expected = (data - mean.astype(np.float32)) / sd.astype(np.float32)
+    assert np.allclose(other.standardize(data), expected, atol=1e-5)
+    with pytest.raises(ValueError, match="does not match"):
+        other.standardize(data[:, :-1])
+    with pytest.raises(ValueError, match="SD > 0"):
+        net.set_input_statistics(mean, np.zeros(shape))
+    with pytest.raises(ValueError, match="input_shape"):
+        LocalUNet(init_channels=2, depth=1, convs_per_scale=1, input_shape=(3, 7, 6, 5))
+    raw = LocalUNet(init_channels=2, depth=1, convs_per_scale=1)
+    assert "input_mean" not in raw.state_dict() and np.array_equal(raw.standardize(data),
+                                                                   data.astype(np.float32))
+    with pytest.raises(ValueError, match="without input_shape"):
+        raw.set_input_statistics(mean, sd)

@@ -186,3 +186,51 @@ def test_full_config_builds_the_paper_network_and_trains_one_step():
         "decoder.1.conv1.conv.weight", "decoder.1.conv1.conv.bias"}
     assert not any(".se.fc.2." in n for n in unchanged if not n.startswith("decoder.1."))
     assert "output.weight" not in unchanged
+
+
+def test_input_statistics_are_the_voxelwise_mean_and_floored_sd():
+    rng = np.random.default_rng(4)
+    views = [rng.normal(size=(2, 4, 3, 3)) for _ in range(5)]
+    views[0][:, 0] = views[1][:, 0] = views[2][:, 0] = views[3][:, 0] = views[4][:, 0] = 1.0
+    mask = np.zeros((4, 3, 3), bool)
+    mask[1:] = True
+    mean, sd = local_unet.input_statistics(views, mask, floor_fraction=0.2)
+    stack = np.stack(views)
+    np.testing.assert_allclose(mean, stack.mean(axis=0), rtol=1e-5, atol=1e-6)
+    raw = stack.std(axis=0)  # population SD (ddof 0)
+    floor = 0.2 * np.median(raw[:, mask], axis=1)
+    np.testing.assert_allclose(sd, np.maximum(raw, floor[:, None, None, None]), rtol=1e-5)
+    assert np.allclose(sd[:, 0], floor[:, None, None])  # the constant plane gets the floor
+
+
+def test_standardizing_network_learns_its_fold_statistics_and_is_evaluated_on_z_scores(
+        synthetic, tmp_path):
+    from bidsapp.inference.local_unet import tiled_age_map
+    from bidsapp.nets import LocalUNet
+    from training.data import collect_records
+
+    model = {**TINY, "blocks_per_scan": 2, "val_blocks": 2, "standardize_input": True}
+    config = load_config(_config(synthetic, tmp_path, model, epochs=1))
+    result = run_training(config, folds=[0], export=False)["folds"][0]
+    family = get_family(config.family, config.model, config.input)
+    splits = json.loads((tmp_path / "work" / "splits.json").read_text())["folds"][0]
+    records = {r.participant: r for r in collect_records(config.data.bids_dir,
+                                                         config.data.derivatives)}
+    # the engine caches prepared inputs as float16
+    train = [family.prepare(records[p])[0].astype(np.float16) for p in splits["train"]]
+    mean, sd = local_unet.input_statistics(train, family.mask)
+    state = torch.load(tmp_path / "work" / "fold0" / "checkpoint_best.pt", weights_only=True)
+    np.testing.assert_allclose(state["model"]["input_mean"].numpy(), mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(state["model"]["input_std"].numpy(), sd, rtol=1e-5)
+    # the held-out value is the tiled map of the same weights on the z-scored input
+    kwargs = family.net_kwargs()
+    kwargs["act"] = tuple(kwargs.pop("act"))
+    assert kwargs.pop("input_shape") == [2, *family.mask.shape]
+    raw = LocalUNet(**kwargs).eval()
+    raw.load_state_dict({k: v for k, v in state["model"].items()
+                         if k not in ("input_mean", "input_std")})
+    row = result["rows"][0]
+    data = family.prepare(records[row["participant"]])[0].astype(np.float16)
+    z = (data.astype(np.float32) - mean) / sd
+    manual = tiled_age_map(raw, z, family.mask, family.in_size, family.out_size)
+    assert row["predicted"] == pytest.approx(float(np.nanmean(manual[family.mask])), rel=1e-5)
