@@ -86,6 +86,16 @@ def _train_member(trainer_cls, config: TrainConfig, member, cache, train, val, k
     return trainer, [{**r, "constant_val_mae": constant} for r in restarts]
 
 
+def _reused_evaluation(folder: Path) -> dict[str, Any] | None:
+    """The held-out evaluation of a fold that finished before this (resumed) run, when it was
+    written after the fold's final checkpoint; ``None`` when it must be computed."""
+    path, final = folder / "evaluation.json", folder / "checkpoint_final.pt"
+    if not (path.is_file() and final.is_file()) or path.stat().st_mtime < final.stat().st_mtime:
+        return None
+    LOGGER.info("%s: finished before, its held-out evaluation is reused", folder.name)
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
 def _best_val_mae(path: Path) -> float:
     return float(torch.load(path, map_location="cpu", weights_only=True)["val_mae"])
 
@@ -241,13 +251,15 @@ def run_training(config: TrainConfig, *, folds: Sequence[int] | None = None, res
                 trainer, restarts = _train_member(trainer_cls, config, member, cache, train, val, k,
                                                   folder, dist, resume=resume, init=init)
                 if dist.is_main:
-                    result = member.family.evaluate_fold(cache, test, trainer.best_path,
-                                                         dist.device,
-                                                         config.export.robustness_spacings_mm)
-                    if restarts:
-                        result["stalled_restarts"] = restarts
-                    (folder / "evaluation.json").write_text(json.dumps(result, indent=1),
-                                                            encoding="utf-8")
+                    result = _reused_evaluation(folder) if resume and trainer.finished else None
+                    if result is None:
+                        result = member.family.evaluate_fold(cache, test, trainer.best_path,
+                                                             dist.device,
+                                                             config.export.robustness_spacings_mm)
+                        if restarts:
+                            result["stalled_restarts"] = restarts
+                        (folder / "evaluation.json").write_text(json.dumps(result, indent=1),
+                                                                encoding="utf-8")
                     if not family.ensemble:
                         results[k] = result
                     else:

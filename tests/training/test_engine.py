@@ -119,6 +119,23 @@ def test_resume_after_interrupt_gives_identical_weights(tiny_config):
     assert not torch.equal(a["features.conv0.weight"], c["features.conv0.weight"])
 
 
+def test_resume_reuses_the_evaluation_of_a_finished_fold(tiny_config, monkeypatch):
+    config = load_config(tiny_config("finished", max_epochs=1))
+    first = run_training(config, folds=[0], export=False)["folds"][0]
+    evaluation = config.work_dir / "fold0" / "evaluation.json"
+    stamp = evaluation.stat().st_mtime_ns
+    calls = []
+    monkeypatch.setattr("training.families.ModelFamily.evaluate_fold",
+                        lambda self, *a, **k: calls.append(a) or {"rows": []})
+    again = run_training(config, folds=[0], export=False, resume=True)["folds"][0]
+    assert calls == [] and again == first and evaluation.stat().st_mtime_ns == stamp
+    # a final checkpoint newer than the evaluation (retrained fold) is evaluated again
+    final = config.work_dir / "fold0" / "checkpoint_final.pt"
+    os.utime(final, ns=(stamp + 10**9, stamp + 10**9))
+    assert run_training(config, folds=[0], export=False, resume=True)["folds"][0] == {"rows": []}
+    assert len(calls) == 1
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
