@@ -192,6 +192,23 @@ def test_shipped_models_predict(ixi_run):
         assert data[mask].sum() > 0 and np.all(data[~mask] == 0)
         report = (ixi_run["out"] / f"sub-{SUBJECT}.html").read_text()
         assert "densenet-clinical" in report and "densenetclinical_relevancemap" in report
+    if "local-unet" in shipped:
+        prefix = f"sub-{SUBJECT}_space-MNI152NLin2009aSym_res-2_desc-localunet_"
+        age_map = np.asarray(nib.load(anat / f"{prefix}brainagemap.nii.gz").dataobj)
+        sd_map = np.asarray(nib.load(anat / f"{prefix}brainagesdmap.nii.gz").dataobj)
+        pad_map = np.asarray(nib.load(anat / f"{prefix}brainpadmap.nii.gz").dataobj)
+        assert age_map.shape == (99, 117, 95)
+        inside = np.isfinite(age_map)
+        # the global row is the mean of the map over the brain; the PAD map is the map - age
+        assert float(rows["local-unet"]["brain_age"]) == pytest.approx(
+            float(np.mean(age_map[inside], dtype=np.float64)), abs=0.05)
+        np.testing.assert_allclose(pad_map[inside], age_map[inside] - 38.78, atol=2e-3)
+        assert np.all(sd_map[inside] >= 0) and np.isfinite(sd_map[inside]).all()
+        assert 1e5 < inside.sum() < 3e5  # the template brain on the 2 mm grid
+        rois = (anat / f"{prefix}brainageroi.tsv").read_text().splitlines()
+        assert len(rois) > 100  # Harvard-Oxford: 96 cortical + 17 subcortical labels
+        report = (ixi_run["out"] / f"sub-{SUBJECT}.html").read_text()
+        assert "localunet_brainpadmap" in report or "localunet_brainagemap" in report
     if "diffusion-ae" in shipped:
         stem = f"sub-{SUBJECT}_space-MNI152NLin2009aSym_desc-diffusionae"
         source = nib.load(anat / f"{stem}_inputslice.nii.gz")
