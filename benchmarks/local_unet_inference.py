@@ -5,7 +5,7 @@ Usage (from the checkout root)::
     python benchmarks/local_unet_inference.py [--models-dir models] [--threads 1]
 
 With a shipped ``<models-dir>/local-unet/model_card.json`` its fold networks are timed.  Without
-one (no local-unet ships yet: see the model's README row) the networks of ``--config`` (default
+one (another models folder, or an architecture to try) the networks of ``--config`` (default
 the reduced CPU configuration) are built with random weights and written with a minimal card
 to a temporary folder: the time of a forward pass does not depend on the weight values, so the
 numbers hold for trained weights of that architecture.  The input is the participant-level
