@@ -251,7 +251,7 @@ def run_training(config: TrainConfig, *, folds: Sequence[int] | None = None, res
                 trainer, restarts = _train_member(trainer_cls, config, member, cache, train, val, k,
                                                   folder, dist, resume=resume, init=init)
                 if dist.is_main:
-                    result = _reused_evaluation(folder) if resume and trainer.finished else None
+                    result = _reused_evaluation(folder) if resume else None
                     if result is None:
                         result = member.family.evaluate_fold(cache, test, trainer.best_path,
                                                              dist.device,
