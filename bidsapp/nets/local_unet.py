@@ -23,8 +23,9 @@ and SD of each channel at each voxel over the training scans) and :meth:`LocalUN
 turns a prepared input into voxelwise z-scores *before* it is cut into blocks.  A block's
 content then says how this brain differs from the training population at those positions
 instead of where in the brain the block lies, which is what a small network trained on a
-hundred scans on a CPU can learn in a few thousand steps (see the reduced configuration).  Dropout (after each scale's convolutions, off in the paper) exists for Monte-Carlo
-dropout at inference (:func:`enable_mc_dropout`).
+hundred scans on a CPU can learn in a few hundred steps (see the reduced configuration).
+Dropout (after each scale's convolutions, off in the paper) exists for Monte-Carlo dropout at
+inference (:func:`enable_mc_dropout`).
 
 Note that the squeeze-and-excitation units average over the whole block, so an output voxel
 depends on the entire input block through the channel weights; the convolutional receptive field
